@@ -1,0 +1,47 @@
+"""A PyTorch dataset over the table that ``load_dataset`` returns."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from hsqformer.data.images import load_image
+from hsqformer.errors import HSQformerError
+
+
+class UltrasoundDataset(torch.utils.data.Dataset):
+    """Images of a dataset table as ``(transform(image), class index)`` pairs.
+
+    ``class_names`` fixes the index of each label, so that the train and
+    validation parts of one split (and a saved model) agree on it.
+    """
+
+    def __init__(
+        self,
+        frame: pd.DataFrame,
+        class_names: Sequence[str],
+        transform: Callable[[Image.Image], object] | None = None,
+    ) -> None:
+        index = {name: i for i, name in enumerate(class_names)}
+        unknown = sorted(set(frame["label"]) - set(index))
+        if unknown:
+            raise HSQformerError(
+                f"unknown label '{unknown[0]}' in dataset; expected one of {', '.join(class_names)}"
+            )
+        self.paths: list[str] = frame["path"].tolist()
+        self.targets = np.array([index[label] for label in frame["label"]], dtype=np.int64)
+        self.class_names = list(class_names)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | Image.Image, int]:
+        image = load_image(self.paths[i])
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.targets[i])

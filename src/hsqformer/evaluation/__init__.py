@@ -1,0 +1,1 @@
+"""Evaluation: dataset audit, metrics and reports."""

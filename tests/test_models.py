@@ -1,0 +1,253 @@
+"""HSQformer model family: registration, shapes, determinism, gradients, MoE routing, offline weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+import hsqformer
+from hsqformer.cli import build_app
+from hsqformer.errors import HSQformerError
+from hsqformer.models import HSQformer
+from hsqformer.models.backbones import create_backbone, load_pretrained, offline_weights_path
+from hsqformer.models.complexity import count_flops, count_parameters
+from hsqformer.models.moe import MoE
+
+TINY = dict(
+    backbones=("tf_efficientnet_lite0", "convnext_atto"),
+    img_size=64,
+    num_queries=64,
+    embed_dim=64,
+    layer_scale_init=None,
+)
+
+
+def tiny(**kwargs) -> HSQformer:
+    return timm.create_model("hsqformer_small", num_classes=3, **{**TINY, **kwargs})
+
+
+@pytest.mark.parametrize(
+    ("name", "queries", "dim", "depths", "experts", "top_k"),
+    [
+        ("hsqformer_small", 200, 384, (1, 1, 1, 1), 4, 1),
+        ("hsqformer_base", 200, 384, (2, 2, 6, 2), 4, 2),
+        ("hsqformer_large", 400, 768, (2, 2, 6, 2), 8, 2),
+    ],
+)
+def test_variants_follow_table4_and_classify_224(name, queries, dim, depths, experts, top_k):
+    model = timm.create_model(name, num_classes=2).eval()
+    assert model.queries.shape == (1, queries, dim)
+    assert model.stage_depths == depths
+    assert [len(s.blocks) for s in model.stages.values()] == list(depths)
+    moe = model.moe_layers()
+    assert len(moe) == 4 + sum(depths)
+    assert all(m.num_experts == experts and m.top_k == top_k for m in moe)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(2, 3, 224, 224))
+    assert out.shape == (2, 2)
+    assert torch.isfinite(out).all()
+
+
+def test_registered_with_timm():
+    assert {"hsqformer_small", "hsqformer_base", "hsqformer_large"} <= set(timm.list_models("hsqformer*"))
+    assert hsqformer.HSQformer is HSQformer
+
+
+def test_other_input_sizes_work_or_fail_clearly():
+    cnn_only = tiny(backbones=("convnext_atto", "resnet10t")).eval()
+    for size in (64, 96, 160):
+        assert cnn_only(torch.randn(1, 3, size, size)).shape == (1, 3)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        cnn_only(torch.randn(1, 3, 100, 100))
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        cnn_only(torch.randn(1, 1, 64, 64))
+    swin = tiny(backbones=("convnext_atto", "swin_tiny_patch4_window7_224"), img_size=96).eval()
+    assert swin(torch.randn(1, 3, 96, 96)).shape == (1, 3)
+    with pytest.raises(ValueError, match="create the model with img_size=128"):
+        swin(torch.randn(1, 3, 128, 128))
+
+
+def test_eval_is_deterministic():
+    model = tiny(top_k=2, num_experts=4).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+
+
+def test_router_noise_only_in_training():
+    moe = MoE(16, num_experts=4, top_k=1)
+    x = torch.randn(200, 16)
+    moe.train()
+    assert not torch.equal(moe.router.logits(x), moe.router.logits(x))
+    moe.eval()
+    assert torch.equal(moe.router.logits(x), moe.router.logits(x))
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_every_parameter_gets_a_gradient(top_k):
+    torch.manual_seed(0)
+    model = tiny(top_k=top_k, num_experts=4).train()
+    logits = model(torch.randn(4, 3, 64, 64))
+    loss = F.cross_entropy(logits, torch.tensor([0, 1, 2, 0])) + 0.01 * model.aux_loss
+    loss.backward()
+    dead = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert dead == []
+    gates = [n for n, _ in model.named_parameters() if ".router.gate." in n]
+    assert gates, "the model has routers"
+
+
+def test_top1_gate_learns_from_the_task_loss_alone():
+    torch.manual_seed(0)
+    moe = MoE(16, num_experts=4, top_k=1).train()
+    moe(torch.randn(64, 16)).pow(2).mean().backward()
+    assert moe.router.gate.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_each_token_is_processed_by_exactly_k_experts(top_k):
+    torch.manual_seed(0)
+    moe = MoE(32, num_experts=4, top_k=top_k).eval()
+    x = torch.randn(2, 50, 32)
+    received: dict[int, torch.Tensor] = {}
+    for e, expert in enumerate(moe.experts):
+        expert.register_forward_hook(lambda mod, inp, out, e=e: received.__setitem__(e, inp[0].detach()))
+    out = moe(x)
+    tokens = x.reshape(-1, 32)
+    _, chosen, _ = moe.router(tokens)
+    assert all(len(set(row.tolist())) == top_k for row in chosen)
+    for e in range(4):
+        routed = tokens[(chosen == e).any(dim=-1)]
+        assert torch.equal(received.get(e, torch.empty(0, 32)), routed)
+    assert sum(len(v) for v in received.values()) == tokens.shape[0] * top_k
+    assert moe.load_counts.sum().item() == tokens.shape[0] * top_k
+    assert out.shape == x.shape
+
+
+def test_dense_and_mlp_modes():
+    x = torch.randn(2, 10, 16)
+    dense = MoE(16, num_experts=4, mode="dense").eval()
+    calls = []
+    for expert in dense.experts:
+        expert.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+    assert dense(x).shape == x.shape
+    assert calls == [20, 20, 20, 20]
+    mlp = MoE(16, num_experts=4, mode="mlp")
+    assert len(mlp.experts) == 1 and mlp.router is None
+    assert mlp(x).shape == x.shape
+    for mode in ("dense", "mlp"):
+        model = tiny(moe_mode=mode).train()
+        model(torch.randn(2, 3, 64, 64)).sum().backward()
+
+
+def test_ablation_switches():
+    last_only = tiny(stage_depths=(0, 0, 0, 1))
+    assert list(last_only.stages) == ["3"] and list(last_only.projector) == ["3"]
+    assert last_only(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+    baseline = tiny(stage_depths=(0, 0, 0, 0))
+    assert baseline.queries is None and baseline.aux_loss is None
+    assert baseline(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+    parallel = tiny(attn_order="parallel", stage_depths=(1, 0, 2, 0), num_queries=5, embed_dim=32)
+    assert parallel(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+    with pytest.raises(ValueError, match="top_k"):
+        tiny(num_experts=2, top_k=3)
+
+
+def test_expert_load_statistics():
+    model = tiny(top_k=2).eval()
+    model.reset_expert_load()
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64))
+    load = model.expert_load()
+    query_layer = next(v for k, v in load.items() if k.startswith("stages.0"))
+    assert sum(query_layer) == 2 * 64 * 2
+
+
+def test_active_parameters_count_k_of_e_experts():
+    model = tiny(top_k=1, num_experts=4)
+    counts = count_parameters(model)
+    moe = model.moe_layers()
+    per_expert = sum(p.numel() for p in moe[0].experts[0].parameters())
+    noise = sum(m.router.noise.weight.numel() for m in moe)
+    assert counts.total - counts.active == len(moe) * 3 * per_expert + noise
+
+
+def test_flops_include_cpu_attention():
+    model = tiny(stage_depths=(1, 0, 0, 0), num_queries=8)
+    flops = count_flops(model, 64)
+    tokens, dim = (64 // 4) ** 2, 64
+    attention_core = 3 * 2 * 2 * tokens * tokens * dim
+    assert flops["projector"] > attention_core
+    assert flops["total"] == pytest.approx(sum(v for k, v in flops.items() if k != "total"))
+
+
+def test_hsqformer_pretrained_has_no_published_weights():
+    with pytest.raises(HSQformerError, match="no published weights"):
+        timm.create_model("hsqformer_small", pretrained=True)
+
+
+def test_hub_only_backbone_fails_fast_with_how_to(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HSQformerError, match="pass the file's path") as err:
+        create_backbone("convnext_atto", pretrained=True)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_local_weights_file_for_any_backbone(tmp_path, suffix):
+    source = timm.create_model("convnext_atto")
+    state = source.state_dict()
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    backbone = create_backbone("convnext_atto", pretrained=str(path))
+    assert torch.equal(backbone.stem_0.weight, state["stem.0.weight"])
+    model = tiny(backbones=("convnext_atto", "resnet10t"), pretrained_backbones=[str(path), False])
+    assert torch.equal(model.cnn.stem_0.weight, state["stem.0.weight"])
+
+
+def test_bad_weights_file_is_one_line_error(tmp_path):
+    path = tmp_path / "broken.safetensors"
+    path.write_bytes(b"not weights")
+    with pytest.raises(HSQformerError, match="broken.safetensors: cannot read weights"):
+        create_backbone("convnext_atto", pretrained=str(path))
+
+
+def _imagenet_top1(model: torch.nn.Module, image: np.ndarray) -> int:
+    x = torch.tensor(image).permute(2, 0, 1).float().div(255)[None]
+    x = F.interpolate(x, size=(224, 224), mode="bilinear", antialias=True)
+    x = (x - 0.5) / 0.5
+    with torch.no_grad():
+        return int(model.eval()(x).argmax())
+
+
+def test_offline_efficientnet_lite0_classifies_real_photographs():
+    from skimage import data
+
+    assert offline_weights_path("tf_efficientnet_lite0") is not None
+    model = timm.create_model("tf_efficientnet_lite0")
+    load_pretrained(model, True, "tf_efficientnet_lite0")
+    assert _imagenet_top1(model, data.chelsea()) in range(281, 286)  # ImageNet's domestic cat classes
+    assert _imagenet_top1(model, data.coffee()) == 967  # espresso
+
+
+def test_offline_lite_weights_reach_hsqformer_backbone():
+    reference = timm.create_model("tf_efficientnet_lite0")
+    load_pretrained(reference, True, "tf_efficientnet_lite0")
+    model = tiny(pretrained_backbones=[True, False])
+    assert torch.equal(model.cnn.conv_stem.weight, reference.conv_stem.weight)
+
+
+def test_info_command_prints_parameters_and_flops():
+    result = CliRunner().invoke(build_app(), ["info", "hsqformer_small"])
+    assert result.exit_code == 0, result.output
+    assert "parameters, total     107.41 M" in result.output
+    assert "GFLOPs @ 224x224" in result.output
+    flops_line = next(line for line in result.output.splitlines() if line.startswith("GFLOPs"))
+    assert 90 < float(flops_line.split()[3]) < 120
