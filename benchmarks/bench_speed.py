@@ -1,0 +1,222 @@
+"""CPU speed of HSQformer-S/B and their backbones: images/s, time and FLOPs per component.
+
+Run from the repository root:
+
+    .venv/bin/python benchmarks/bench_speed.py --out benchmarks/results/speed_cpu.md
+
+Measures, in one run: the practical peak of this machine (a large bf16 and fp32
+matmul); inference and training images/s of hsqformer_small, hsqformer_base
+and each of their backbones alone (bf16 autocast and fp32, batch 16, 224x224);
+time, FLOPs and achieved GFLOP/s of each HSQformer component; one MoE layer
+with 4 experts under top-1, top-2 and dense routing; and, in a fresh process,
+the peak memory of one bf16 training step of hsqformer_base at batch 50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import hsqformer  # noqa: E402,F401  (registers the variants)
+from common import markdown_header  # noqa: E402
+from hsqformer.models.complexity import count_flops  # noqa: E402
+from hsqformer.models.moe import MoE  # noqa: E402
+
+PRECISIONS = ("bf16", "fp32")
+
+
+def autocast(precision: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median seconds of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def matmul_peak(precision: str, n: int = 4096) -> float:
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    seconds = timed(lambda: a @ b, repeats=5, warmup=2)
+    return 2 * n**3 / seconds / 1e9
+
+
+def inference_rate(model: torch.nn.Module, precision: str, batch: int, repeats: int) -> float:
+    model.eval()
+    x = torch.randn(batch, 3, 224, 224)
+
+    def step() -> None:
+        with torch.no_grad(), autocast(precision):
+            model(x)
+
+    return batch / timed(step, repeats)
+
+
+def training_rate(model: torch.nn.Module, precision: str, batch: int, repeats: int) -> float:
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, 3, 224, 224)
+    y = torch.randint(0, 2, (batch,))
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(precision):
+            loss = F.cross_entropy(model(x), y)
+            aux = getattr(model, "aux_loss", None)
+            if aux is not None:
+                loss = loss + 0.01 * aux
+        loss.backward()
+        optimizer.step()
+
+    return batch / timed(step, repeats)
+
+
+def component_times(model, precision: str, batch: int, repeats: int) -> dict[str, float]:
+    """Eval seconds per batch of the backbones, projector, query stages and head, run one by one."""
+    model.eval()
+    x = torch.randn(batch, 3, 224, 224)
+    out: dict[str, float] = {}
+    with torch.no_grad(), autocast(precision):
+        out["cnn"] = timed(lambda: model.cnn(x), repeats)
+        out["vit"] = timed(lambda: model.vit(x), repeats)
+        cnn_maps, vit_maps = model._pyramid(model.cnn, x), model._pyramid(model.vit, x)
+        latents = {k: model.projector[k](cnn_maps[int(k)], vit_maps[int(k)]) for k in model.projector}
+        out["projector"] = timed(lambda: [model.projector[k](cnn_maps[int(k)], vit_maps[int(k)]) for k in latents], repeats)
+        queries = model.queries.expand(batch, -1, -1)
+
+        def run_stages():
+            q = queries
+            for key, stage in model.stages.items():
+                q = stage(q, latents[key])
+            return q
+
+        final = run_stages()
+        out["stages"] = timed(run_stages, repeats)
+        out["head"] = timed(lambda: model.forward_head(model.norm(final)), repeats)
+    return out
+
+
+def moe_times(tokens: int, dim: int, repeats: int) -> dict[str, float]:
+    x = torch.randn(tokens, dim)
+    out = {}
+    for label, mode, k in (("top-1", "sparse", 1), ("top-2", "sparse", 2), ("dense", "dense", 4)):
+        layer = MoE(dim, num_experts=4, top_k=k, mode=mode).eval()
+        with torch.no_grad(), autocast("bf16"):
+            out[label] = timed(lambda: layer(x), repeats)
+    return out
+
+
+def memory_step(model_name: str, batch: int) -> dict:
+    """One bf16 training step in this process; returns peak resident memory."""
+    model = timm.create_model(model_name, num_classes=2)
+    start = time.perf_counter()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x, y = torch.randn(batch, 3, 224, 224), torch.randint(0, 2, (batch,))
+    with autocast("bf16"):
+        loss = F.cross_entropy(model(x), y) + 0.01 * model.aux_loss
+    loss.backward()
+    optimizer.step()
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {"model": model_name, "batch": batch, "peak_rss_gib": round(peak_gib, 2), "step_s": round(time.perf_counter() - start, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/speed_cpu.md"))
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--memory-batch", type=int, default=50)
+    parser.add_argument("--memory-only", metavar="MODEL", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.memory_only:
+        print(json.dumps(memory_step(args.memory_only, args.memory_batch)))
+        return
+
+    lines = [markdown_header("CPU speed: HSQformer and its backbones")]
+    peaks = {p: matmul_peak(p) for p in PRECISIONS}
+    lines.append("## Practical peak (4096x4096 matmul)\n")
+    lines += [f"- {p}: {v:.0f} GFLOP/s" for p, v in peaks.items()]
+
+    lines.append(f"\n## Throughput, batch {args.batch}, 224x224 (images/s; median of {args.repeats})\n")
+    lines.append("| model | GFLOPs/img | infer bf16 | infer fp32 | train bf16 | train fp32 | infer bf16 GFLOP/s |")
+    lines.append("|---|---|---|---|---|---|---|")
+    variants = ("hsqformer_small", "hsqformer_base")
+    components: dict[str, dict] = {}
+    for variant in variants:
+        hsq = timm.create_model(variant, num_classes=2)
+        names = [variant, hsq.cnn.default_cfg["architecture"], hsq.vit.default_cfg["architecture"]]
+        for name in names:
+            model = hsq if name == variant else timm.create_model(name, num_classes=2)
+            gflops = count_flops(model)["total"] / 1e9
+            infer = {p: inference_rate(model, p, args.batch, args.repeats) for p in PRECISIONS}
+            train = {p: training_rate(model, p, args.batch, args.repeats) for p in PRECISIONS}
+            lines.append(
+                f"| {name} | {gflops:.1f} | {infer['bf16']:.2f} | {infer['fp32']:.2f} | {train['bf16']:.2f} "
+                f"| {train['fp32']:.2f} | {gflops * infer['bf16']:.0f} |"
+            )
+            print(lines[-1], flush=True)
+        flops = count_flops(hsq)
+        components[variant] = {
+            "flops": flops,
+            "time": {p: component_times(hsq, p, args.batch, args.repeats) for p in PRECISIONS},
+        }
+
+    lines.append(f"\n## Components (eval, batch {args.batch}; GFLOP/s = FLOPs x batch / time)\n")
+    lines.append("| model | component | GFLOPs/img | share | bf16 s | bf16 GFLOP/s | fp32 s | fp32 GFLOP/s |")
+    lines.append("|---|---|---|---|---|---|---|---|")
+    for variant, data in components.items():
+        total = data["flops"]["total"]
+        for part in ("cnn", "vit", "projector", "stages", "head"):
+            f = data["flops"].get(part, 0)
+            tb, tf = data["time"]["bf16"][part], data["time"]["fp32"][part]
+            lines.append(
+                f"| {variant} | {part} | {f / 1e9:.2f} | {100 * f / total:.0f}% | {tb:.3f} | "
+                f"{f * args.batch / tb / 1e9:.0f} | {tf:.3f} | {f * args.batch / tf / 1e9:.0f} |"
+            )
+
+    tokens = args.batch * 784
+    moe = moe_times(tokens, 384, args.repeats)
+    lines.append(f"\n## One MoE layer, 4 experts, D=384, {tokens} tokens (bf16, eval)\n")
+    lines.append("| routing | seconds | vs dense |\n|---|---|---|")
+    lines += [f"| {k} | {v:.3f} | {v / moe['dense']:.2f}x |" for k, v in moe.items()]
+
+    proc = subprocess.run(
+        [sys.executable, __file__, "--memory-only", "hsqformer_base", "--memory-batch", str(args.memory_batch)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    memory = json.loads(proc.stdout.strip().splitlines()[-1])
+    lines.append("\n## Memory: one bf16 training step (fresh process, peak RSS)\n")
+    lines.append(
+        f"- {memory['model']}, batch {memory['batch']}, 224x224: peak {memory['peak_rss_gib']} GiB, "
+        f"step {memory['step_s']} s"
+    )
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
