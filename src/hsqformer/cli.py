@@ -16,6 +16,7 @@ from hsqformer.errors import HSQformerError
 
 COMMAND_MODULES: tuple[str, ...] = (
     "hsqformer.models.cli",
+    "hsqformer.training.cli",
     "hsqformer.dicom.cli",
     "hsqformer.data.cli",
 )

@@ -1,0 +1,150 @@
+"""HSQformer against each of its backbones alone: same data, folds and recipe, one Table-2-style report.
+
+Run from the repository root, e.g. (hours on a 2-core CPU):
+
+    .venv/bin/python benchmarks/bench_cv.py --config configs/cpu.yaml \
+        --data ../shared/data/liver-sysu --name liver-sysu_cpu
+
+For the config's HSQformer and for each backbone named in its ``model.kwargs.backbones``
+(or the variant's default backbones) trained alone as a plain timm classifier with the
+same recipe (dropout, stochastic depth, pretrained weights), this runs ``hsqformer cv``
+into ``benchmarks/runs/NAME/MODEL/`` (git-ignored), checks that all runs used identical
+splits, computes the data audit's shortcut floor (a random forest on image size and
+grey-level histogram, on the same folds) and writes ``benchmarks/results/cv_NAME.md``
+with the command, machine, versions, config, wall times and the comparison tables.
+``--resume`` continues an interrupted benchmark (done folds are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import markdown_header  # noqa: E402
+from hsqformer.errors import HSQformerError  # noqa: E402
+from hsqformer.evaluation.report import comparison_tables  # noqa: E402
+from hsqformer.training.config import Config, config_from_dict, config_to_dict, load_config  # noqa: E402
+from hsqformer.training.engine import RUN_FILE, parse_tests, run_cv  # noqa: E402
+from hsqformer.training.files import write_text  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+BACKBONE_RECIPE_KEYS = ("drop_rate", "drop_path_rate")
+
+
+def hsqformer_backbones(cfg: Config) -> list[str]:
+    """The two backbones of the config's HSQformer variant."""
+    from hsqformer.models.hsqformer import VARIANTS
+
+    if cfg.model.name not in VARIANTS:
+        raise HSQformerError(f"model.name '{cfg.model.name}' is not an HSQformer variant ({', '.join(VARIANTS)})")
+    return list(cfg.model.kwargs.get("backbones") or VARIANTS[cfg.model.name]["backbones"])
+
+
+def backbone_config(cfg: Config, index: int, name: str) -> Config:
+    """The config with backbone ``index`` trained alone: same recipe, its own pretrained weights."""
+    raw = config_to_dict(cfg)
+    kwargs = cfg.model.kwargs
+    sources = kwargs.get("pretrained_backbones", False)
+    source = sources[index] if isinstance(sources, list) else sources
+    raw["model"] = {
+        **raw["model"],
+        "name": name,
+        "pretrained": source if source is not None else False,
+        "kwargs": {key: kwargs[key] for key in BACKBONE_RECIPE_KEYS if key in kwargs},
+    }
+    return config_from_dict(raw)
+
+
+def run_one(label: str, cfg: Config, args: argparse.Namespace, tests: dict[str, str], out: Path) -> tuple[dict, float]:
+    resume = args.resume and (out / RUN_FILE).is_file()
+    print(f"[bench_cv] {label}: {'resuming' if resume else 'starting'} {out}", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    metrics = run_cv(cfg, args.data, tests, out, overwrite=args.overwrite, resume=resume, command=" ".join(sys.argv))
+    return metrics, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--test", action="append", default=[], help="NAME=DATA test cohort; repeatable")
+    parser.add_argument("--set", action="append", default=[], dest="overrides", help="config override KEY=VALUE")
+    parser.add_argument("--name", required=True, help="report name: benchmarks/results/cv_NAME.md")
+    parser.add_argument("--overwrite", action="store_true", help="replace earlier runs of this name")
+    parser.add_argument("--resume", action="store_true", help="continue earlier runs of this name")
+    args = parser.parse_args()
+    try:
+        report = benchmark(args)
+    except HSQformerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(report)
+
+
+def benchmark(args: argparse.Namespace) -> str:
+    from hsqformer.evaluation.audit import run_audit
+
+    cfg = load_config(args.config, args.overrides)
+    tests = parse_tests(args.test)
+    backbones = hsqformer_backbones(cfg)
+    configs = {cfg.model.name: cfg, **{f"{b} alone": backbone_config(cfg, i, b) for i, b in enumerate(backbones)}}
+    runs_dir = HERE / "runs" / args.name
+    results, walls = {}, {}
+    for label, model_cfg in configs.items():
+        out = runs_dir / label.replace(" ", "_")
+        results[label], walls[label] = run_one(label, model_cfg, args, tests, out)
+
+    splits = [pd.read_csv(runs_dir / label.replace(" ", "_") / "splits.csv", dtype=str, keep_default_na=False)
+              for label in configs]
+    if any(not s.equals(splits[0]) for s in splits[1:]):
+        raise HSQformerError(f"runs under {runs_dir} used different splits; rerun with --overwrite")
+    frame = splits[0].drop(columns="fold")
+    audit = run_audit(
+        [frame], results[cfg.model.name]["classes"], cfg.cv.n_folds, cfg.cv.seed,
+        positive_class=results[cfg.model.name]["positive_class"], progress=False,
+    )
+    floor = audit.shortcut_auc
+    floors = {f"shortcut floor ({floor.features}, {floor.metric})": floor.mean} if floor else {}
+
+    lines = [
+        markdown_header(f"Cross-validation benchmark: {cfg.model.name} vs its backbones alone ({args.name})"),
+        f"Data: `{args.data}` ({len(frame)} images used"
+        + (f", subset data.max_images={cfg.data.max_images}" if cfg.data.max_images else "")
+        + f"); test cohorts: {', '.join(f'{k}=`{v}`' for k, v in tests.items()) or 'none'}.",
+        f"All runs use the same {cfg.cv.n_folds} patient-level folds (seed {cfg.cv.seed}; splits files identical) "
+        "and the same recipe; each backbone alone is the plain timm classifier with the same dropout, "
+        "stochastic depth and pretrained weights.",
+        "",
+        "| Model | Run folder | Wall time (this invocation) |",
+        "|---|---|---|",
+        *(f"| {label} | `{(runs_dir / label.replace(' ', '_')).relative_to(HERE.parent)}` | {walls[label] / 60:.1f} min |"
+          for label in configs),
+        "",
+        "## Results (%, mean±std over folds; ensemble = mean probability of the fold models)",
+        "",
+        comparison_tables(results, floors),
+        "The shortcut floor is the audit's cross-validated AUC of a random forest on image statistics only "
+        + (f"({floor}, mean ± std over the same folds)" if floor else "(not computed)")
+        + ": a model has to beat it, not 0.5.",
+        "",
+        "## Config of the HSQformer run",
+        "",
+        "```yaml",
+        yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip(),
+        "```",
+        "",
+    ]
+    report = "\n".join(lines)
+    write_text(HERE / "results" / f"cv_{args.name}.md", report)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Training protocol: configs, augmentation, the Lightning module and the cross-validation engine."""

@@ -1,0 +1,74 @@
+"""The ``cv`` (cross-validation) and ``predict`` (ensemble inference) commands."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from hsqformer.errors import HSQformerError
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``cv`` and ``predict`` to the ``hsqformer`` application."""
+
+    @app.command("cv")
+    def cv(
+        out: Annotated[Path, typer.Option("--out", help="Run folder to create (or to continue with --resume).")],
+        config: Annotated[
+            Optional[Path], typer.Option("--config", help="YAML config, e.g. configs/paper.yaml.")
+        ] = None,
+        data: Annotated[
+            Optional[str], typer.Option("--data", help="Dataset: class folders, a folder with manifest.csv, or a CSV.")
+        ] = None,
+        test: Annotated[
+            Optional[list[str]], typer.Option("--test", help="Test cohort NAME=DATA; repeat for several.")
+        ] = None,
+        set_: Annotated[
+            Optional[list[str]], typer.Option("--set", help="Config override KEY=VALUE, e.g. trainer.epochs=2.")
+        ] = None,
+        overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run folder.")] = False,
+        resume: Annotated[
+            bool, typer.Option("--resume", help="Continue an interrupted run: skip done folds, resume the rest.")
+        ] = False,
+    ) -> None:
+        """Patient-level K-fold cross-validation: train each fold, keep its best-AUC model, evaluate all cohorts."""
+        from hsqformer.training.config import config_from_dict, config_to_dict, load_config
+        from hsqformer.training.engine import parse_tests, resume_request, run_cv
+
+        tests = parse_tests(test or [])
+        if resume:
+            saved_cfg, saved_data, saved_tests = resume_request(out)
+            if config is not None:
+                cfg = load_config(config, set_ or [])
+            else:
+                cfg = config_from_dict(config_to_dict(saved_cfg), overrides=set_ or [])
+            data = data or saved_data
+            tests = tests or saved_tests
+        else:
+            if config is None or data is None:
+                raise HSQformerError("cv needs --config and --data (or --resume with an existing --out)")
+            cfg = load_config(config, set_ or [])
+        run_cv(cfg, data, tests, out, overwrite=overwrite, resume=resume, command=shlex.join(sys.argv))
+
+    @app.command("predict")
+    def predict(
+        inputs: Annotated[list[Path], typer.Argument(help="Images and/or folders of images (searched recursively).")],
+        run: Annotated[Path, typer.Option("--run", help="A finished cv run folder.")],
+        out: Annotated[Path, typer.Option("--out", help="CSV file to write.")],
+        batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
+        num_workers: Annotated[int, typer.Option("--num-workers", min=0)] = 0,
+        overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
+    ) -> None:
+        """Ensemble inference with the fold models of a cv run: one row per image."""
+        from hsqformer.training.files import write_csv
+        from hsqformer.training.inference import predict_run
+
+        if out.exists() and not overwrite:
+            raise HSQformerError(f"{out} already exists; pass --overwrite to replace it")
+        table = predict_run(run, inputs, batch_size=batch_size, num_workers=num_workers)
+        write_csv(out, table)
+        typer.echo(f"wrote {len(table)} predictions to {out}", err=True)

@@ -1,0 +1,69 @@
+"""Atomic file writes: a result file is either complete or absent, never half-written.
+
+Each writer puts the content in a temporary file in the target's folder and
+moves it over the target with ``os.replace``, which is atomic on one file system.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success move it onto ``path``, on failure delete it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def _write_with(path: str | Path, write: Callable[[Path], None]) -> Path:
+    with atomic_path(path) as tmp:
+        write(tmp)
+    return Path(path)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) atomically."""
+    return _write_with(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Write ``data`` as indented JSON atomically; NaN becomes ``null`` so that any JSON reader accepts it."""
+    return write_text(path, json.dumps(_nan_to_none(data), indent=2, sort_keys=False) + "\n")
+
+
+def write_yaml(path: str | Path, data: Any) -> Path:
+    """Write ``data`` as YAML (keys in insertion order) atomically."""
+    return write_text(path, yaml.safe_dump(data, sort_keys=False))
+
+
+def write_csv(path: str | Path, frame: pd.DataFrame) -> Path:
+    """Write a DataFrame as CSV without its index atomically."""
+    return _write_with(path, lambda tmp: frame.to_csv(tmp, index=False))
+
+
+def _nan_to_none(value: Any) -> Any:
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {key: _nan_to_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_none(item) for item in value]
+    return value

@@ -1,0 +1,132 @@
+"""Batched inference of one or several exported models over image files, with a tqdm progress bar."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from hsqformer.data.images import load_image
+from hsqformer.data.manifest import IMAGE_SUFFIXES
+from hsqformer.errors import HSQformerError
+
+
+class ImageFiles(Dataset):
+    """Transformed images of a list of files."""
+
+    def __init__(self, paths: Sequence[str | Path], transform: Callable[[Image.Image], torch.Tensor]) -> None:
+        self.paths = [str(p) for p in paths]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.transform(load_image(self.paths[i]))
+
+
+def default_device() -> torch.device:
+    """The first GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@torch.inference_mode()
+def predict_probabilities(
+    models: Sequence[nn.Module],
+    paths: Sequence[str | Path],
+    transform: Callable[[Image.Image], torch.Tensor],
+    *,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: torch.device | None = None,
+    desc: str = "predict",
+) -> np.ndarray:
+    """Softmax probabilities of each model for each image: an array (models, images, classes).
+
+    Every image is decoded once and passed through all models (float32, eval mode).
+    """
+    device = device or default_device()
+    for model in models:
+        model.eval().to(device)
+    loader = DataLoader(
+        ImageFiles(paths, transform), batch_size=batch_size, shuffle=False, num_workers=num_workers
+    )
+    outputs: list[list[np.ndarray]] = [[] for _ in models]
+    for images in tqdm(loader, desc=desc, unit="batch", leave=False):
+        images = images.to(device)
+        for out, model in zip(outputs, models, strict=True):
+            out.append(model(images).float().softmax(dim=1).cpu().numpy())
+    if not paths:
+        return np.zeros((len(models), 0, 0), dtype=np.float32)
+    return np.stack([np.concatenate(out) for out in outputs])
+
+
+def find_images(inputs: Sequence[str | Path]) -> list[Path]:
+    """Image files named directly or found (recursively, sorted) in folders; each checked to open."""
+    found: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise HSQformerError(f"input not found: {path}")
+    if not found:
+        raise HSQformerError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(map(str, inputs))}")
+    for path in found:
+        try:
+            Image.open(path).close()  # reads the header only
+        except (UnidentifiedImageError, OSError) as err:
+            raise HSQformerError(f"cannot read image {path}: {err.__class__.__name__}") from None
+    return found
+
+
+def predict_run(
+    run: str | Path, inputs: Sequence[str | Path], *, batch_size: int = 64, num_workers: int = 0
+) -> pd.DataFrame:
+    """Ensemble inference of a finished cv run's fold models over images or folders.
+
+    Columns: image, the positive-class probability of each fold model, their mean
+    (``prob_ensemble``), the ensemble probability of every class, the arg-max class
+    and whether the ensemble's positive-class probability reaches 0.5.
+    """
+    from hsqformer.checkpoint import load_checkpoint
+    from hsqformer.training.engine import DONE_FILE, resume_request
+    from hsqformer.training.transforms import eval_transform
+
+    run = Path(run)
+    cfg, _, _ = resume_request(run)
+    folds = [run / f"fold_{k}" for k in range(cfg.cv.n_folds)]
+    unfinished = [d.name for d in folds if not (d / DONE_FILE).is_file()]
+    if unfinished:
+        raise HSQformerError(f"run {run} is not finished ({', '.join(unfinished)} missing); resume it first")
+    paths = find_images(inputs)
+    loaded = [load_checkpoint(d) for d in folds]
+    models = [model for model, _ in loaded]
+    meta = loaded[0][1]
+    for _, other in loaded[1:]:
+        if other["preprocess"] != meta["preprocess"] or other["classes"] != meta["classes"]:
+            raise HSQformerError(f"run {run}: fold models differ in classes or preprocessing")
+    classes = meta["classes"]
+    pos = classes.index(meta["positive_class"])
+    probs = predict_probabilities(
+        models, paths, eval_transform(meta["preprocess"]), batch_size=batch_size, num_workers=num_workers
+    )
+    mean = probs.mean(axis=0)
+    table = pd.DataFrame({"image": [str(p) for p in paths]})
+    for k in range(len(models)):
+        table[f"prob_fold{k}"] = probs[k, :, pos]
+    table["prob_ensemble"] = mean[:, pos]
+    for i, name in enumerate(classes):
+        table[f"prob_ensemble_{name}"] = mean[:, i]
+    table["predicted_class"] = [classes[i] for i in mean.argmax(axis=1)]
+    table[f"is_{meta['positive_class']}"] = mean[:, pos] >= 0.5
+    return table
