@@ -125,9 +125,10 @@ def moe_times(tokens: int, dim: int, repeats: int) -> dict[str, float]:
     return out
 
 
-def memory_step(model_name: str, batch: int) -> dict:
+def memory_step(model_name: str, batch: int, grad_checkpointing: bool) -> dict:
     """One bf16 training step in this process; returns peak resident memory."""
     model = timm.create_model(model_name, num_classes=2)
+    model.set_grad_checkpointing(grad_checkpointing)
     start = time.perf_counter()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x, y = torch.randn(batch, 3, 224, 224), torch.randint(0, 2, (batch,))
@@ -136,7 +137,38 @@ def memory_step(model_name: str, batch: int) -> dict:
     loss.backward()
     optimizer.step()
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return {"model": model_name, "batch": batch, "peak_rss_gib": round(peak_gib, 2), "step_s": round(time.perf_counter() - start, 1)}
+    return {
+        "model": model_name,
+        "batch": batch,
+        "grad_checkpointing": grad_checkpointing,
+        "peak_rss_gib": round(peak_gib, 2),
+        "step_s": round(time.perf_counter() - start, 1),
+    }
+
+
+def measure_model(name: str, batch: int, repeats: int) -> dict:
+    model = timm.create_model(name, num_classes=2)
+    return {
+        "gflops": count_flops(model)["total"] / 1e9,
+        "infer": {p: inference_rate(model, p, batch, repeats) for p in PRECISIONS},
+        "train": {p: training_rate(model, p, batch, repeats) for p in PRECISIONS},
+        "backbones": [model.cnn.default_cfg["architecture"], model.vit.default_cfg["architecture"]]
+        if hasattr(model, "cnn")
+        else [],
+    }
+
+
+def measure_components(variant: str, batch: int, repeats: int) -> dict:
+    model = timm.create_model(variant, num_classes=2)
+    return {"flops": count_flops(model), "time": {p: component_times(model, p, batch, repeats) for p in PRECISIONS}}
+
+
+def in_subprocess(*args: str) -> dict:
+    """Run one measurement in a fresh process, so that each starts with clean memory."""
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:] or 'killed'}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -145,13 +177,22 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--memory-batch", type=int, default=50)
-    parser.add_argument("--memory-only", metavar="MODEL", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=2, metavar=("TASK", "MODEL"), help=argparse.SUPPRESS)
+    parser.add_argument("--grad-checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args.memory_only:
-        print(json.dumps(memory_step(args.memory_only, args.memory_batch)))
+    if args.worker:
+        task, name = args.worker
+        if task == "model":
+            result = measure_model(name, args.batch, args.repeats)
+        elif task == "components":
+            result = measure_components(name, args.batch, args.repeats)
+        else:
+            result = memory_step(name, args.memory_batch, args.grad_checkpointing)
+        print(json.dumps(result))
         return
 
+    common = ["--batch", str(args.batch), "--repeats", str(args.repeats)]
     lines = [markdown_header("CPU speed: HSQformer and its backbones")]
     peaks = {p: matmul_peak(p) for p in PRECISIONS}
     lines.append("## Practical peak (4096x4096 matmul)\n")
@@ -161,30 +202,28 @@ def main() -> None:
     lines.append("| model | GFLOPs/img | infer bf16 | infer fp32 | train bf16 | train fp32 | infer bf16 GFLOP/s |")
     lines.append("|---|---|---|---|---|---|---|")
     variants = ("hsqformer_small", "hsqformer_base")
-    components: dict[str, dict] = {}
     for variant in variants:
-        hsq = timm.create_model(variant, num_classes=2)
-        names = [variant, hsq.cnn.default_cfg["architecture"], hsq.vit.default_cfg["architecture"]]
-        for name in names:
-            model = hsq if name == variant else timm.create_model(name, num_classes=2)
-            gflops = count_flops(model)["total"] / 1e9
-            infer = {p: inference_rate(model, p, args.batch, args.repeats) for p in PRECISIONS}
-            train = {p: training_rate(model, p, args.batch, args.repeats) for p in PRECISIONS}
+        first = in_subprocess("--worker", "model", variant, *common)
+        for name in [variant, *first.get("backbones", [])]:
+            r = first if name == variant else in_subprocess("--worker", "model", name, *common)
+            if "error" in r:
+                lines.append(f"| {name} | {r['error']} |")
+                continue
+            i, t = r["infer"], r["train"]
             lines.append(
-                f"| {name} | {gflops:.1f} | {infer['bf16']:.2f} | {infer['fp32']:.2f} | {train['bf16']:.2f} "
-                f"| {train['fp32']:.2f} | {gflops * infer['bf16']:.0f} |"
+                f"| {name} | {r['gflops']:.1f} | {i['bf16']:.2f} | {i['fp32']:.2f} | {t['bf16']:.2f} "
+                f"| {t['fp32']:.2f} | {r['gflops'] * i['bf16']:.0f} |"
             )
             print(lines[-1], flush=True)
-        flops = count_flops(hsq)
-        components[variant] = {
-            "flops": flops,
-            "time": {p: component_times(hsq, p, args.batch, args.repeats) for p in PRECISIONS},
-        }
 
     lines.append(f"\n## Components (eval, batch {args.batch}; GFLOP/s = FLOPs x batch / time)\n")
     lines.append("| model | component | GFLOPs/img | share | bf16 s | bf16 GFLOP/s | fp32 s | fp32 GFLOP/s |")
     lines.append("|---|---|---|---|---|---|---|---|")
-    for variant, data in components.items():
+    for variant in variants:
+        data = in_subprocess("--worker", "components", variant, *common)
+        if "error" in data:
+            lines.append(f"| {variant} | {data['error']} |")
+            continue
         total = data["flops"]["total"]
         for part in ("cnn", "vit", "projector", "stages", "head"):
             f = data["flops"].get(part, 0)
@@ -193,6 +232,7 @@ def main() -> None:
                 f"| {variant} | {part} | {f / 1e9:.2f} | {100 * f / total:.0f}% | {tb:.3f} | "
                 f"{f * args.batch / tb / 1e9:.0f} | {tf:.3f} | {f * args.batch / tf / 1e9:.0f} |"
             )
+        print("\n".join(lines[-5:]), flush=True)
 
     tokens = args.batch * 784
     moe = moe_times(tokens, 384, args.repeats)
@@ -200,18 +240,16 @@ def main() -> None:
     lines.append("| routing | seconds | vs dense |\n|---|---|---|")
     lines += [f"| {k} | {v:.3f} | {v / moe['dense']:.2f}x |" for k, v in moe.items()]
 
-    proc = subprocess.run(
-        [sys.executable, __file__, "--memory-only", "hsqformer_base", "--memory-batch", str(args.memory_batch)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    memory = json.loads(proc.stdout.strip().splitlines()[-1])
-    lines.append("\n## Memory: one bf16 training step (fresh process, peak RSS)\n")
-    lines.append(
-        f"- {memory['model']}, batch {memory['batch']}, 224x224: peak {memory['peak_rss_gib']} GiB, "
-        f"step {memory['step_s']} s"
-    )
+    lines.append("\n## Memory: one bf16 training step of hsqformer_base, 224x224 (fresh process, peak RSS)\n")
+    for checkpointing in (False, True):
+        extra = ["--grad-checkpointing"] if checkpointing else []
+        r = in_subprocess("--worker", "memory", "hsqformer_base", "--memory-batch", str(args.memory_batch), *extra)
+        label = f"batch {args.memory_batch}, grad checkpointing {'on' if checkpointing else 'off'}"
+        if "error" in r:
+            lines.append(f"- {label}: failed ({r['error']}; exit -9 is the kernel's out-of-memory kill)")
+        else:
+            lines.append(f"- {label}: peak {r['peak_rss_gib']} GiB, step {r['step_s']} s")
+        print(lines[-1], flush=True)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")

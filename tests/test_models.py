@@ -251,3 +251,18 @@ def test_info_command_prints_parameters_and_flops():
     assert "GFLOPs @ 224x224" in result.output
     flops_line = next(line for line in result.output.splitlines() if line.startswith("GFLOPs"))
     assert 90 < float(flops_line.split()[3]) < 120
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    model = tiny(top_k=2).train()
+    x = torch.randn(2, 3, 64, 64)
+
+    def gradients(enable: bool) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        model.set_grad_checkpointing(enable)
+        torch.manual_seed(1)
+        (model(x).sum() + model.aux_loss).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain, recomputed = gradients(False), gradients(True)
+    assert all(torch.allclose(plain[n], recomputed[n], atol=1e-6) for n in plain)

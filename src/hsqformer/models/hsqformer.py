@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
+from torch.utils.checkpoint import checkpoint
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from hsqformer.models.backbones import PretrainedSource, create_backbone
@@ -45,9 +46,14 @@ class QueryStage(nn.Module):
         drop_paths = block_kwargs.pop("drop_paths")
         self.blocks = nn.ModuleList(QueryCSMBlock(drop_path=dp, **block_kwargs) for dp in drop_paths[:depth])
 
+        self.grad_checkpointing = False
+
     def forward(self, queries: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
-            queries = block(queries, latent)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                queries = checkpoint(block, queries, latent, use_reentrant=False)
+            else:
+                queries = block(queries, latent)
         return queries
 
 
@@ -93,6 +99,7 @@ class HSQformer(nn.Module):
         )
         self.num_classes = num_classes
         self.global_pool = global_pool
+        self.grad_checkpointing = False
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         self.stage_depths = tuple(stage_depths)
         self.num_features = self.head_hidden_size = embed_dim
@@ -156,6 +163,19 @@ class HSQformer(nn.Module):
         return {"queries"} | {f"projector.{k}.level_embed" for k in self.projector}
 
     @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute activations in the backward pass (backbones, projector, query blocks) to save memory.
+
+        Router noise is replayed exactly (the RNG state is restored), but the expert
+        load counters also count the recomputed passes while this is on.
+        """
+        self.grad_checkpointing = enable
+        self.cnn.set_grad_checkpointing(enable)
+        self.vit.set_grad_checkpointing(enable)
+        for stage in self.stages.values():
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
@@ -212,7 +232,10 @@ class HSQformer(nn.Module):
         queries = self.queries.expand(x.shape[0], -1, -1)
         for key, stage in self.stages.items():
             i = int(key)
-            latent = self.projector[key](cnn_maps[i], vit_maps[i])
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                latent = checkpoint(self.projector[key], cnn_maps[i], vit_maps[i], use_reentrant=False)
+            else:
+                latent = self.projector[key](cnn_maps[i], vit_maps[i])
             queries = stage(queries, latent)
         return self.norm(queries)
 

@@ -117,6 +117,7 @@ class TrainerConfig:
     devices: int | str = "auto"
     strategy: str = "auto"
     deterministic: bool = False
+    grad_checkpointing: bool = False
     log_every_n_steps: int = 10
     progress_bar: bool = True
 

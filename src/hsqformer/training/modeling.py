@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from hsqformer.checkpoint import create_model
 from hsqformer.errors import HSQformerError
+from hsqformer.models.backbones import load_pretrained
 from hsqformer.training.config import Config
 
 
@@ -19,6 +20,7 @@ def build_model(cfg: Config, num_classes: int) -> tuple[nn.Module, dict[str, Any
     HSQformer variants take their backbones' weights through ``kwargs.pretrained_backbones``;
     ``model.pretrained`` is for plain timm models (baselines and backbones alone) and uses
     the offline weights that ``hsqformer.models.backbones.load_pretrained`` knows about.
+    ``trainer.grad_checkpointing`` trades compute for memory (timm's ``set_grad_checkpointing``).
     """
     kwargs = dict(cfg.model.kwargs)
     if "img_size" in kwargs:
@@ -32,11 +34,7 @@ def build_model(cfg: Config, num_classes: int) -> tuple[nn.Module, dict[str, Any
                 raise
             model = create_model(cfg.model.name, num_classes, kwargs)
     if cfg.model.pretrained is not False:
-        try:
-            from hsqformer.models.backbones import load_pretrained
-        except ImportError:
-            raise HSQformerError(
-                "model.pretrained: this installation has no hsqformer.models.backbones.load_pretrained"
-            ) from None
         load_pretrained(model, cfg.model.pretrained, cfg.model.name)
+    if cfg.trainer.grad_checkpointing:
+        model.set_grad_checkpointing(True)
     return model, kwargs
