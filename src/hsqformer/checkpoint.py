@@ -9,7 +9,6 @@ can run code when read, so released models use this format only.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from hsqformer.errors import HSQformerError
-from hsqformer.training.files import atomic_path, write_json
+from hsqformer.training.files import atomic_path, read_format_json, write_json
 
 WEIGHTS_NAME = "model.safetensors"
 META_NAME = "model.json"
@@ -56,15 +55,7 @@ def save_checkpoint(directory: str | Path, model: nn.Module, meta: dict[str, Any
 def read_meta(directory: str | Path) -> dict[str, Any]:
     """The ``model.json`` of a checkpoint folder."""
     path = Path(directory) / META_NAME
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise HSQformerError(f"no model description {path}: not a checkpoint folder") from None
-    except (OSError, json.JSONDecodeError) as err:
-        raise HSQformerError(f"cannot read {path}: {err}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise HSQformerError(f"{path}: not an {FORMAT} description")
-    return meta
+    return read_format_json(path, FORMAT, f"no model description {path}: not a checkpoint folder")
 
 
 def load_checkpoint(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:

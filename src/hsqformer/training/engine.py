@@ -44,7 +44,7 @@ from hsqformer.errors import HSQformerError
 from hsqformer.evaluation.metrics import classification_metrics, summarize
 from hsqformer.evaluation.report import run_table
 from hsqformer.training.config import Config, config_from_dict, config_to_dict, first_difference, mixup_enabled
-from hsqformer.training.files import write_csv, write_json, write_text, write_yaml
+from hsqformer.training.files import read_format_json, write_csv, write_json, write_text, write_yaml
 
 RUN_FORMAT = "hsqformer-cv-run/1"
 RUN_FILE = "run.json"
@@ -452,15 +452,7 @@ def _check_run_dir(out: Path, *, overwrite: bool, resume: bool) -> None:
 
 
 def _read_run(out: Path) -> dict[str, Any]:
-    try:
-        run = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise HSQformerError(f"{out} is not an hsqformer cv run folder (no {RUN_FILE})") from None
-    except (OSError, json.JSONDecodeError) as err:
-        raise HSQformerError(f"cannot read {out / RUN_FILE}: {err}") from None
-    if not isinstance(run, dict) or run.get("format") != RUN_FORMAT:
-        raise HSQformerError(f"{out / RUN_FILE}: not an {RUN_FORMAT} file")
-    return run
+    return read_format_json(out / RUN_FILE, RUN_FORMAT, f"{out} is not an hsqformer cv run folder (no {RUN_FILE})")
 
 
 def _check_same_run(out: Path, inputs: CVInputs) -> None:

@@ -17,6 +17,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from hsqformer.errors import HSQformerError
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -67,3 +69,19 @@ def _nan_to_none(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_nan_to_none(item) for item in value]
     return value
+
+
+def read_format_json(path: Path, expected_format: str, missing: str) -> dict[str, Any]:
+    """Read a JSON record that this package wrote and check its ``format`` tag.
+
+    ``missing`` is the one-line error for a file that does not exist.
+    """
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise HSQformerError(missing) from None
+    except (OSError, json.JSONDecodeError) as err:
+        raise HSQformerError(f"cannot read {path}: {err}") from None
+    if not isinstance(record, dict) or record.get("format") != expected_format:
+        raise HSQformerError(f"{path}: not an {expected_format} file")
+    return record
