@@ -266,3 +266,17 @@ def test_grad_checkpointing_gives_the_same_gradients():
 
     plain, recomputed = gradients(False), gradients(True)
     assert all(torch.allclose(plain[n], recomputed[n], atol=1e-6) for n in plain)
+
+
+def test_pretrained_classifier_with_new_classes_starts_near_zero_logits():
+    model = timm.create_model("tf_efficientnet_lite0", num_classes=2)
+    load_pretrained(model, True, "tf_efficientnet_lite0")
+    reference = timm.create_model("tf_efficientnet_lite0")
+    load_pretrained(reference, True, "tf_efficientnet_lite0")
+    assert torch.equal(model.conv_head.weight, reference.conv_head.weight)
+    bound = 1 / model.num_features**0.5  # PyTorch's nn.Linear initialisation, not timm's 1/sqrt(num_classes)
+    assert model.classifier.weight.abs().max() <= bound
+    torch.manual_seed(0)
+    with torch.no_grad():
+        logits = model.eval()(torch.randn(4, 3, 128, 128))
+    assert logits.abs().max() < 2

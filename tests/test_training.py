@@ -99,6 +99,7 @@ def test_overrides_are_yaml_values_at_dotted_keys():
         ("trainer.precision=fp8", "config key 'trainer.precision': must be one of"),
         ("data.verify_images=maybe", "expected true or false"),
         ("trainer=5", "config key 'trainer' (from --set): expected a mapping"),
+        ("optimizer.backbone_lr_scale=-1", "config key 'optimizer.backbone_lr_scale': must not be negative"),
         ("noequals", "expected KEY=VALUE"),
     ],
 )
@@ -264,3 +265,43 @@ def test_ema_weights_are_the_ones_validated():
     assert not torch.allclose(module.ema.module.conv1[0].weight, model.conv1[0].weight)
     module.on_train_batch_end(None, None, 0)  # timm's first update (step 0) copies the weights
     assert torch.allclose(module.ema.module.conv1[0].weight, model.conv1[0].weight)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.25])
+def test_backbone_learning_rate_scale_reaches_the_optimizer_and_schedule(scale):
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    from hsqformer.training.modeling import backbone_parameters, param_groups
+
+    model, _ = build_model(load_config(CONFIGS / "smoke.yaml", TINY_OVERRIDES), 2)
+    groups = param_groups(model, weight_decay=0.05, backbone_lr_scale=scale)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())  # every parameter exactly once
+    backbone = backbone_parameters(model)
+    assert backbone == {id(p) for p in [*model.cnn.parameters(), *model.vit.parameters()]}
+    for group in groups:
+        in_backbone = {id(p) in backbone for p in group["params"]}
+        assert len(in_backbone) == 1 or scale == 1.0
+        assert group.get("lr_scale", 1.0) == (scale if in_backbone == {True} else 1.0)
+        assert group["weight_decay"] in (0.0, 0.05)
+    assert not any(id(p) in backbone for p in groups[0]["params"]) or scale == 1.0
+
+    optimizer = create_optimizer_v2(groups, opt="adamw", lr=1e-3, weight_decay=0.05)
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched="cosine", num_epochs=2, warmup_epochs=1, step_on_epochs=False, updates_per_epoch=10
+    )
+    for step in (0, 5, 10, 15):
+        scheduler.step_update(num_updates=step)
+        base = optimizer.param_groups[0]["lr"]
+        for group in optimizer.param_groups:
+            assert group["lr"] == pytest.approx(base * group.get("lr_scale", 1.0))
+    assert {g.get("lr_scale", 1.0) for g in optimizer.param_groups} == {1.0, scale}
+
+
+def test_plain_model_backbone_is_all_but_its_classifier():
+    from hsqformer.training.modeling import backbone_parameters
+
+    model, _ = build_model(load_config(CONFIGS / "smoke.yaml", ["model.name=resnet10t", "model.kwargs={}"]), 2)
+    head = {id(p) for p in model.get_classifier().parameters()}
+    assert backbone_parameters(model) == {id(p) for p in model.parameters()} - head

@@ -150,7 +150,10 @@ def pretrained_kwargs(model_name: str, source: PretrainedSource) -> dict:
 def load_pretrained(model: nn.Module, source: PretrainedSource, model_name: str) -> None:
     """Load pretrained weights into an already built timm classifier ``model``.
 
-    The classifier head is skipped when its shape differs (new number of classes).
+    When the head's shape differs (a new number of classes) it is not loaded but
+    recreated with ``reset_classifier``, whose ``nn.Linear`` has PyTorch's fan-in scaled
+    initialisation: timm's EfficientNet initialises its head with a range of
+    1/sqrt(num_classes), which for two classes starts fine-tuning from logits of about ±5.
     """
     if source is None or source is False:
         return
@@ -167,6 +170,8 @@ def load_pretrained(model: nn.Module, source: PretrainedSource, model_name: str)
             f"missing or of another shape, e.g. {sorted(set(missing) - head)[0]}"
         )
     model.load_state_dict(compatible, strict=False)
+    if head:
+        model.reset_classifier(model.num_classes)
 
 
 def _classifier_prefixes(model: nn.Module) -> list[str]:

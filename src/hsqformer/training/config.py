@@ -84,6 +84,9 @@ class OptimizerConfig:
     weight_decay: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float | None = None
+    # learning rate of the backbone (HSQformer's CNN and ViT; a plain model's all but its classifier)
+    # relative to ``lr``, as DETR trains its pretrained backbone slower than its new query transformer
+    backbone_lr_scale: float = 1.0
 
 
 @dataclass
@@ -375,6 +378,7 @@ def _check_values(cfg: Config) -> None:
     require(a.mixup >= 0 and a.cutmix >= 0, "augment.mixup", "mixup and cutmix alphas must not be negative")
     require(cfg.optimizer.lr > 0, "optimizer.lr", f"must be positive, got {cfg.optimizer.lr}")
     require(cfg.optimizer.weight_decay >= 0, "optimizer.weight_decay", "must not be negative")
+    require(cfg.optimizer.backbone_lr_scale >= 0, "optimizer.backbone_lr_scale", "must not be negative")
     require(cfg.scheduler.warmup_epochs >= 0, "scheduler.warmup_epochs", "must not be negative")
     require(0 < cfg.ema.decay < 1, "ema.decay", f"must be in (0, 1), got {cfg.ema.decay}")
     require(cfg.model.aux_loss_weight >= 0, "model.aux_loss_weight", "must not be negative")

@@ -14,6 +14,7 @@ under ``torchrun`` for multi-GPU DDP.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import re
@@ -154,7 +155,7 @@ def run_cv(
             _say(f"fold {k}: done earlier, skipped")
             continue
         fold_started = time.perf_counter()
-        info = _train_fold(k, inputs, fold_dir, train_rows, val_rows)
+        info = train_fold(k, inputs, fold_dir, train_rows, val_rows)
         if _is_rank_zero():
             _evaluate_fold(k, inputs, fold_dir, val_rows)
             info["wall_seconds"] = round(time.perf_counter() - fold_started, 1)
@@ -171,7 +172,7 @@ def run_cv(
     return metrics
 
 
-def _train_fold(
+def train_fold(
     k: int, inputs: CVInputs, fold_dir: Path, train_rows: np.ndarray, val_rows: np.ndarray
 ) -> dict[str, Any]:
     """Train fold ``k`` (resuming from its last checkpoint when there is one); returns facts for done.json."""
@@ -186,6 +187,7 @@ def _train_fold(
     from hsqformer.training.transforms import eval_transform, preprocess_config, train_transform
 
     cfg = inputs.cfg
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_no_advertising)
     last = fold_dir / "lightning" / "last.ckpt"
     resume_from = last if last.is_file() else None
     _say(f"fold {k}: {'resuming from ' + str(resume_from) if resume_from else 'training'}")
@@ -254,6 +256,7 @@ def _train_fold(
         warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
         trainer.fit(module, train_loader, val_loader, ckpt_path=resume_from, weights_only=True)
     if _is_rank_zero() and not (fold_dir / "model.json").is_file():
         raise HSQformerError(f"fold {k}: training ended without a validated model in {fold_dir}")
@@ -264,6 +267,11 @@ def _train_fold(
         "resumed_from_epoch": start.epoch if resume_from else None,
         "epochs": cfg.trainer.epochs,
     }
+
+
+def _no_advertising(record: logging.LogRecord) -> bool:
+    """Logging filter that drops Lightning's tip to install its cloud logger from every fold's output."""
+    return "litlogger" not in record.getMessage()
 
 
 def _evaluate_fold(k: int, inputs: CVInputs, fold_dir: Path, val_rows: np.ndarray) -> None:

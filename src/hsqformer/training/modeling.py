@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch.nn as nn
+from timm.optim import param_groups_weight_decay
 
 from hsqformer.checkpoint import create_model
 from hsqformer.errors import HSQformerError
@@ -38,3 +39,36 @@ def build_model(cfg: Config, num_classes: int) -> tuple[nn.Module, dict[str, Any
     if cfg.trainer.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model, kwargs
+
+
+def backbone_parameters(model: nn.Module) -> set[int]:
+    """Ids of the backbone's parameters: HSQformer's CNN and ViT, or all but a plain model's classifier."""
+    from hsqformer.models.hsqformer import HSQformer
+
+    if isinstance(model, HSQformer):
+        return {id(p) for part in (model.cnn, model.vit) for p in part.parameters()}
+    head = {id(p) for p in model.get_classifier().parameters()}
+    return {id(p) for p in model.parameters() if id(p) not in head}
+
+
+def param_groups(model: nn.Module, weight_decay: float, backbone_lr_scale: float) -> list[dict[str, Any]]:
+    """timm's weight-decay groups, each split into new layers and backbone.
+
+    Backbone groups carry ``lr_scale``, which timm's schedulers multiply into every
+    learning rate they set (as for timm's layer decay); the new layers' groups come
+    first, so that the first group's learning rate is the configured one.
+    """
+    no_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_decay)
+    if backbone_lr_scale == 1.0:
+        return groups
+    backbone = backbone_parameters(model)
+    new_layers, backbone_groups = [], []
+    for group in groups:
+        own = [p for p in group["params"] if id(p) not in backbone]
+        body = [p for p in group["params"] if id(p) in backbone]
+        if own:
+            new_layers.append({**group, "params": own})
+        if body:
+            backbone_groups.append({**group, "params": body, "lr_scale": backbone_lr_scale})
+    return new_layers + backbone_groups

@@ -24,6 +24,7 @@ from timm.utils import ModelEmaV3
 from torchmetrics.classification import BinaryAUROC
 
 from hsqformer.training.config import Config
+from hsqformer.training.modeling import param_groups
 from hsqformer.training.transforms import build_mixup
 
 
@@ -95,7 +96,11 @@ class ClassifierModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         o, s = self.cfg.optimizer, self.cfg.scheduler
         optimizer = create_optimizer_v2(
-            self.model, opt=o.name, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas)
+            param_groups(self.model, o.weight_decay, o.backbone_lr_scale),
+            opt=o.name,
+            lr=o.lr,
+            weight_decay=o.weight_decay,
+            betas=tuple(o.betas),
         )
         epochs = self.cfg.trainer.epochs
         updates_per_epoch = max(1, math.ceil(self.trainer.estimated_stepping_batches / epochs))
@@ -109,6 +114,7 @@ class ClassifierModule(L.LightningModule):
             step_on_epochs=False,
             updates_per_epoch=updates_per_epoch,
         )
+        scheduler.step_update(num_updates=0)  # the first update already uses each group's scaled rate
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
