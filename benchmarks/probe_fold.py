@@ -7,8 +7,8 @@ fold's AUC moves by several points between runs, so only large differences count
     .venv/bin/python benchmarks/probe_fold.py --config configs/cpu.yaml \
         --data ../shared/data/liver-sysu --fold 1 --set optimizer.lr=5e-4
 
-Writes the fold's model and Lightning log under ``--out`` (default
-``benchmarks/runs/probe/FOLD``, git-ignored; replaced on each call).
+Writes the fold's model and Lightning log under ``--out``, which must not exist yet,
+or by default under ``benchmarks/runs/probe/FOLD`` (git-ignored; replaced on each call).
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ def main() -> None:
         inputs = prepare_inputs(cfg, args.data, {})
         if not 0 <= args.fold < len(inputs.folds):
             raise HSQformerError(f"--fold must be in 0..{len(inputs.folds) - 1}, got {args.fold}")
+        if args.out is not None and args.out.exists():
+            raise HSQformerError(f"--out {args.out} already exists; choose a new folder")
         out = args.out or HERE / "runs" / "probe" / str(args.fold)
         shutil.rmtree(out, ignore_errors=True)
         started = time.perf_counter()
