@@ -13,6 +13,12 @@ splits, computes the data audit's shortcut floor (a random forest on image size 
 grey-level histogram, on the same folds) and writes ``benchmarks/results/cv_NAME.md``
 with the command, machine, versions, config, wall times and the comparison tables.
 ``--resume`` continues an interrupted benchmark (done folds are kept).
+
+The shared recipe is tuned for HSQformer; ``--alone-set KEY=VALUE`` (repeatable) adds a second
+run of each backbone alone with those overrides on top (e.g. its own learning rate), so that
+HSQformer is also compared with baselines given a recipe of their own. ``--labels`` keeps only
+some classes of the data (e.g. busi's benign and malignant), writing the rows kept to
+``benchmarks/runs/NAME/manifest.csv``.
 """
 
 from __future__ import annotations
@@ -28,11 +34,12 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import markdown_header  # noqa: E402
+from hsqformer.data.manifest import load_dataset  # noqa: E402
 from hsqformer.errors import HSQformerError  # noqa: E402
-from hsqformer.evaluation.report import comparison_tables  # noqa: E402
+from hsqformer.evaluation.report import comparison_tables, fold_table  # noqa: E402
 from hsqformer.training.config import Config, config_from_dict, config_to_dict, load_config  # noqa: E402
 from hsqformer.training.engine import RUN_FILE, parse_tests, run_cv  # noqa: E402
-from hsqformer.training.files import write_text  # noqa: E402
+from hsqformer.training.files import write_csv, write_text  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 BACKBONE_RECIPE_KEYS = ("drop_rate", "drop_path_rate")
@@ -47,8 +54,8 @@ def hsqformer_backbones(cfg: Config) -> list[str]:
     return list(cfg.model.kwargs.get("backbones") or VARIANTS[cfg.model.name]["backbones"])
 
 
-def backbone_config(cfg: Config, index: int, name: str) -> Config:
-    """The config with backbone ``index`` trained alone: same recipe, its own pretrained weights."""
+def backbone_config(cfg: Config, index: int, name: str, overrides: list[str] | None = None) -> Config:
+    """The config with backbone ``index`` trained alone: same recipe (then ``overrides``), its own weights."""
     raw = config_to_dict(cfg)
     kwargs = cfg.model.kwargs
     sources = kwargs.get("pretrained_backbones", False)
@@ -59,14 +66,32 @@ def backbone_config(cfg: Config, index: int, name: str) -> Config:
         "pretrained": source if source is not None else False,
         "kwargs": {key: kwargs[key] for key in BACKBONE_RECIPE_KEYS if key in kwargs},
     }
-    return config_from_dict(raw)
+    return config_from_dict(raw, overrides=overrides or ())
 
 
-def run_one(label: str, cfg: Config, args: argparse.Namespace, tests: dict[str, str], out: Path) -> tuple[dict, float]:
+def folder(label: str) -> str:
+    """The run folder name of a benchmark row."""
+    return label.replace(", ", "_").replace(" ", "_")
+
+
+def keep_labels(data: str, labels: str, runs_dir: Path) -> str:
+    """Write the rows of ``data`` whose label is one of ``labels`` as a manifest under ``runs_dir``."""
+    frame = load_dataset(data, verify_images=False)
+    wanted = [label.strip() for label in labels.split(",") if label.strip()]
+    missing = [label for label in wanted if label not in set(frame["label"])]
+    if len(wanted) < 2 or missing:
+        raise HSQformerError(f"--labels {labels}: needs two or more labels of {data}"
+                             + (f"; not found: {', '.join(missing)}" if missing else ""))
+    return str(write_csv(runs_dir / "manifest.csv", frame[frame["label"].isin(wanted)]))
+
+
+def run_one(
+    label: str, cfg: Config, args: argparse.Namespace, data: str, tests: dict[str, str], out: Path
+) -> tuple[dict, float]:
     resume = args.resume and (out / RUN_FILE).is_file()
     print(f"[bench_cv] {label}: {'resuming' if resume else 'starting'} {out}", file=sys.stderr, flush=True)
     started = time.perf_counter()
-    metrics = run_cv(cfg, args.data, tests, out, overwrite=args.overwrite, resume=resume, command=" ".join(sys.argv))
+    metrics = run_cv(cfg, data, tests, out, overwrite=args.overwrite, resume=resume, command=" ".join(sys.argv))
     return metrics, time.perf_counter() - started
 
 
@@ -76,6 +101,9 @@ def main() -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--test", action="append", default=[], help="NAME=DATA test cohort; repeatable")
     parser.add_argument("--set", action="append", default=[], dest="overrides", help="config override KEY=VALUE")
+    parser.add_argument("--alone-set", action="append", default=[], dest="alone_overrides",
+                        help="KEY=VALUE for an extra run of each backbone alone with its own recipe; repeatable")
+    parser.add_argument("--labels", help="comma-separated labels to keep, e.g. benign,malignant")
     parser.add_argument("--name", required=True, help="report name: benchmarks/results/cv_NAME.md")
     parser.add_argument("--overwrite", action="store_true", help="replace earlier runs of this name")
     parser.add_argument("--resume", action="store_true", help="continue earlier runs of this name")
@@ -95,13 +123,17 @@ def benchmark(args: argparse.Namespace) -> str:
     tests = parse_tests(args.test)
     backbones = hsqformer_backbones(cfg)
     configs = {cfg.model.name: cfg, **{f"{b} alone": backbone_config(cfg, i, b) for i, b in enumerate(backbones)}}
+    if args.alone_overrides:
+        configs |= {f"{b} alone, own recipe": backbone_config(cfg, i, b, args.alone_overrides)
+                    for i, b in enumerate(backbones)}
     runs_dir = HERE / "runs" / args.name
+    data = keep_labels(args.data, args.labels, runs_dir) if args.labels else args.data
     results, walls = {}, {}
     for label, model_cfg in configs.items():
-        out = runs_dir / label.replace(" ", "_")
-        results[label], walls[label] = run_one(label, model_cfg, args, tests, out)
+        out = runs_dir / folder(label)
+        results[label], walls[label] = run_one(label, model_cfg, args, data, tests, out)
 
-    splits = [pd.read_csv(runs_dir / label.replace(" ", "_") / "splits.csv", dtype=str, keep_default_na=False)
+    splits = [pd.read_csv(runs_dir / folder(label) / "splits.csv", dtype=str, keep_default_na=False)
               for label in configs]
     if any(not s.equals(splits[0]) for s in splits[1:]):
         raise HSQformerError(f"runs under {runs_dir} used different splits; rerun with --overwrite")
@@ -111,20 +143,23 @@ def benchmark(args: argparse.Namespace) -> str:
         positive_class=results[cfg.model.name]["positive_class"], progress=False,
     )
     floor = audit.shortcut_auc
+    binary = len(results[cfg.model.name]["classes"]) == 2
     floors = {f"shortcut floor ({floor.features}, {floor.metric})": floor.mean} if floor else {}
 
     lines = [
         markdown_header(f"Cross-validation benchmark: {cfg.model.name} vs its backbones alone ({args.name})"),
         f"Data: `{args.data}` ({len(frame)} images used"
+        + (f", labels {args.labels} only, rows written to `{Path(data).relative_to(HERE.parent)}`" if args.labels else "")
         + (f", subset data.max_images={cfg.data.max_images}" if cfg.data.max_images else "")
         + f"); test cohorts: {', '.join(f'{k}=`{v}`' for k, v in tests.items()) or 'none'}.",
         f"All runs use the same {cfg.cv.n_folds} patient-level folds (seed {cfg.cv.seed}; splits files identical) "
         "and the same recipe; each backbone alone is the plain timm classifier with the same dropout, "
-        "stochastic depth and pretrained weights.",
+        "stochastic depth and pretrained weights."
+        + (f" The 'own recipe' rows change only: `{' '.join(args.alone_overrides)}`." if args.alone_overrides else ""),
         "",
         "| Model | Run folder | Wall time (this invocation) |",
         "|---|---|---|",
-        *(f"| {label} | `{(runs_dir / label.replace(' ', '_')).relative_to(HERE.parent)}` | {walls[label] / 60:.1f} min |"
+        *(f"| {label} | `{(runs_dir / folder(label)).relative_to(HERE.parent)}` | {walls[label] / 60:.1f} min |"
           for label in configs),
         "",
         "## Results (%, mean±std over folds; ensemble = mean probability of the fold models)",
@@ -134,6 +169,10 @@ def benchmark(args: argparse.Namespace) -> str:
         + (f"({floor}, mean ± std over the same folds)" if floor else "(not computed)")
         + ": a model has to beat it, not 0.5.",
         "",
+        f"## Validation {'AUC' if binary else 'macro AUC (one-vs-rest)'} fold by fold (%)",
+        "",
+        fold_table(results, "auc" if binary else "auc_macro_ovr",
+                   ("the shortcut floor", floor.fold_aucs) if floor else None),
         "## Config of the HSQformer run",
         "",
         "```yaml",

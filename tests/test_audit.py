@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -50,6 +51,8 @@ def test_liver_sysu_audit_shows_the_shortcut_floor() -> None:
     floor = report.shortcut_auc
     assert floor is audit.floor and floor.patient_grouped and floor.n_folds == 5
     assert 0.7 < floor.mean < 0.9, floor
+    assert floor.mean == pytest.approx(np.mean(floor.fold_aucs))
+    assert floor.std == pytest.approx(np.std(floor.fold_aucs, ddof=1))  # same convention as the model summaries
     size_only = next(r for r in audit.shortcut if r.features == "width, height")
     assert size_only.mean > 0.65  # the known size confound of this set
     markdown = report.to_markdown()

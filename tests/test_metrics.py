@@ -9,7 +9,7 @@ import pytest
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
 
 from hsqformer.evaluation.metrics import binary_metrics, classification_metrics, summarize
-from hsqformer.evaluation.report import comparison_tables, mean_std, run_table
+from hsqformer.evaluation.report import comparison_tables, fold_table, mean_std, run_table
 
 
 def test_binary_metrics_match_hand_counts():
@@ -103,6 +103,19 @@ def test_comparison_tables_list_every_run_and_the_floor():
     assert "### validation" in text and "### single-center" in text
     assert "| A | 2 folds |" in text and "| B | 2 folds |" in text and "| B | ensemble |" in text
     assert "| shortcut floor | reference |" in text and "80.00" in text
+
+
+def test_fold_table_counts_the_folds_above_the_reference():
+    def run(aucs: list[float]) -> dict:
+        folds = [{"fold": k, "cohorts": {"validation": {"auc": a}}} for k, a in enumerate(aucs)]
+        return {"n_folds": len(aucs), "folds": folds[::-1]}
+
+    text = fold_table({"A": run([0.9, 0.7, 0.8]), "B": run([0.6, 0.6, 0.6])}, reference=("floor", [0.75, 0.75, 0.85]))
+    rows = text.splitlines()
+    assert rows[0] == "| Model | fold 0 | fold 1 | fold 2 | mean | folds above floor |"
+    assert rows[2] == "| A | 90.00 | 70.00 | 80.00 | 80.00 | 1 of 3 |"
+    assert rows[3] == "| B | 60.00 | 60.00 | 60.00 | 60.00 | 0 of 3 |"
+    assert rows[4] == "| floor | 75.00 | 75.00 | 85.00 | 78.33 |  |"
 
 
 def test_mean_std_formats_percent_and_missing():

@@ -41,7 +41,10 @@ N_TREES = 200
 
 @dataclass
 class ShortcutResult:
-    """Cross-validated AUC of a random forest on a few image statistics."""
+    """Cross-validated AUC of a random forest on a few image statistics.
+
+    ``std`` is the sample standard deviation over folds (n - 1), as in the models' fold summaries.
+    """
 
     features: str
     mean: float
@@ -295,7 +298,7 @@ def _shortcut_auc(
     return ShortcutResult(
         features=described,
         mean=float(np.mean(aucs)),
-        std=float(np.std(aucs)),
+        std=float(np.std(aucs, ddof=1)) if len(aucs) > 1 else float("nan"),
         fold_aucs=[float(a) for a in aucs],
         n_folds=len(folds),
         patient_grouped=bool(grouped),

@@ -8,8 +8,10 @@ fold summaries (``summary``), the pooled out-of-fold validation
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 from hsqformer.evaluation.metrics import BINARY_METRICS, MULTICLASS_METRICS
 
@@ -111,3 +113,31 @@ def comparison_tables(runs: Mapping[str, Mapping[str, Any]], floors: Mapping[str
                 lines.append(_row([label, "reference", *cells]))
         lines.append("")
     return "\n".join(lines)
+
+
+def fold_table(
+    runs: Mapping[str, Mapping[str, Any]],
+    metric: str = "auc",
+    reference: tuple[str, Sequence[float]] | None = None,
+) -> str:
+    """One validation metric fold by fold for runs made on the same folds, as a markdown table.
+
+    With a ``reference`` (a label and its per-fold values, e.g. the audit's shortcut floor on the same
+    folds) a last column counts the folds in which each run beats it: a mean above the reference can
+    hide folds below it.
+    """
+    k = next(iter(runs.values()))["n_folds"]
+    head = ["Model", *(f"fold {i}" for i in range(k)), "mean"]
+    if reference is not None:
+        head.append(f"folds above {reference[0]}")
+    lines = [_row(head), _row(["---"] * len(head))]
+    for label, metrics in runs.items():
+        values = [fold["cohorts"]["validation"].get(metric, math.nan) for fold in sorted(metrics["folds"], key=lambda f: f["fold"])]
+        cells = [label, *(percent(v) for v in values), percent(float(np.nanmean(values)))]
+        if reference is not None:
+            cells.append(f"{sum(v > r for v, r in zip(values, reference[1], strict=True))} of {k}")
+        lines.append(_row(cells))
+    if reference is not None:
+        values = list(reference[1])
+        lines.append(_row([reference[0], *(percent(v) for v in values), percent(float(np.mean(values))), ""]))
+    return "\n".join(lines) + "\n"
