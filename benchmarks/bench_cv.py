@@ -18,12 +18,14 @@ The shared recipe is tuned for HSQformer; ``--alone-set KEY=VALUE`` (repeatable)
 run of each backbone alone with those overrides on top (e.g. its own learning rate), so that
 HSQformer is also compared with baselines given a recipe of their own. ``--labels`` keeps only
 some classes of the data (e.g. busi's benign and malignant), writing the rows kept to
-``benchmarks/runs/NAME/manifest.csv``.
+``benchmarks/runs/NAME/manifest.csv``; ``--notes FILE`` puts hand-written remarks (a verdict, the
+run's history) into the report, so that regenerating it keeps them.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -38,7 +40,7 @@ from hsqformer.data.manifest import load_dataset  # noqa: E402
 from hsqformer.errors import HSQformerError  # noqa: E402
 from hsqformer.evaluation.report import comparison_tables, fold_table  # noqa: E402
 from hsqformer.training.config import Config, config_from_dict, config_to_dict, load_config  # noqa: E402
-from hsqformer.training.engine import RUN_FILE, parse_tests, run_cv  # noqa: E402
+from hsqformer.training.engine import DONE_FILE, RUN_FILE, parse_tests, run_cv  # noqa: E402
 from hsqformer.training.files import write_csv, write_text  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -85,6 +87,21 @@ def keep_labels(data: str, labels: str, runs_dir: Path) -> str:
     return str(write_csv(runs_dir / "manifest.csv", frame[frame["label"].isin(wanted)]))
 
 
+def read_notes(path: Path) -> str:
+    """The text of the ``--notes`` file."""
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise HSQformerError(f"--notes {path}: cannot read ({err.__class__.__name__})") from None
+
+
+def training_time(run_dir: Path) -> str:
+    """The summed wall time of a run's folds (from their done files), noting resumed folds."""
+    done = [json.loads(path.read_text(encoding="utf-8")) for path in sorted(run_dir.glob(f"fold_*/{DONE_FILE}"))]
+    resumed = sum(d.get("resumed_from_epoch") is not None for d in done)
+    return f"{sum(d['wall_seconds'] for d in done) / 60:.1f} min" + (f" ({resumed} resumed)" if resumed else "")
+
+
 def run_one(
     label: str, cfg: Config, args: argparse.Namespace, data: str, tests: dict[str, str], out: Path
 ) -> tuple[dict, float]:
@@ -104,6 +121,7 @@ def main() -> None:
     parser.add_argument("--alone-set", action="append", default=[], dest="alone_overrides",
                         help="KEY=VALUE for an extra run of each backbone alone with its own recipe; repeatable")
     parser.add_argument("--labels", help="comma-separated labels to keep, e.g. benign,malignant")
+    parser.add_argument("--notes", type=Path, help="markdown file whose text goes into the report, under its header")
     parser.add_argument("--name", required=True, help="report name: benchmarks/results/cv_NAME.md")
     parser.add_argument("--overwrite", action="store_true", help="replace earlier runs of this name")
     parser.add_argument("--resume", action="store_true", help="continue earlier runs of this name")
@@ -119,6 +137,7 @@ def main() -> None:
 def benchmark(args: argparse.Namespace) -> str:
     from hsqformer.evaluation.audit import run_audit
 
+    notes = read_notes(args.notes) if args.notes else None
     cfg = load_config(args.config, args.overrides)
     tests = parse_tests(args.test)
     backbones = hsqformer_backbones(cfg)
@@ -148,6 +167,7 @@ def benchmark(args: argparse.Namespace) -> str:
 
     lines = [
         markdown_header(f"Cross-validation benchmark: {cfg.model.name} vs its backbones alone ({args.name})"),
+        *([notes, ""] if notes else []),
         f"Data: `{args.data}` ({len(frame)} images used"
         + (f", labels {args.labels} only, rows written to `{Path(data).relative_to(HERE.parent)}`" if args.labels else "")
         + (f", subset data.max_images={cfg.data.max_images}" if cfg.data.max_images else "")
@@ -157,10 +177,12 @@ def benchmark(args: argparse.Namespace) -> str:
         "stochastic depth and pretrained weights."
         + (f" The 'own recipe' rows change only: `{' '.join(args.alone_overrides)}`." if args.alone_overrides else ""),
         "",
-        "| Model | Run folder | Wall time (this invocation) |",
-        "|---|---|---|",
-        *(f"| {label} | `{(runs_dir / folder(label)).relative_to(HERE.parent)}` | {walls[label] / 60:.1f} min |"
-          for label in configs),
+        "| Model | Run folder | Training time (sum over folds) | Wall time of this invocation |",
+        "|---|---|---|---|",
+        *(f"| {label} | `{(runs_dir / folder(label)).relative_to(HERE.parent)}` | {training_time(runs_dir / folder(label))} "
+          f"| {walls[label] / 60:.1f} min |" for label in configs),
+        "",
+        "A fold resumed after an interruption counts only the time after it resumed.",
         "",
         "## Results (%, mean±std over folds; ensemble = mean probability of the fold models)",
         "",
