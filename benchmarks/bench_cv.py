@@ -162,6 +162,8 @@ def benchmark(args: argparse.Namespace) -> str:
         positive_class=results[cfg.model.name]["positive_class"], progress=False,
     )
     floor = audit.shortcut_auc
+    missing_ids = int((frame["patient_id"] == "").sum())
+    level = "patient-level" if missing_ids < len(frame) else "image-level"
     binary = len(results[cfg.model.name]["classes"]) == 2
     floors = {f"shortcut floor ({floor.features}, {floor.metric})": floor.mean} if floor else {}
 
@@ -172,9 +174,11 @@ def benchmark(args: argparse.Namespace) -> str:
         + (f", labels {args.labels} only, rows written to `{Path(data).relative_to(HERE.parent)}`" if args.labels else "")
         + (f", subset data.max_images={cfg.data.max_images}" if cfg.data.max_images else "")
         + f"); test cohorts: {', '.join(f'{k}=`{v}`' for k, v in tests.items()) or 'none'}.",
-        f"All runs use the same {cfg.cv.n_folds} patient-level folds (seed {cfg.cv.seed}; splits files identical) "
+        f"All runs use the same {cfg.cv.n_folds} {level} folds (seed {cfg.cv.seed}; splits files identical) "
         "and the same recipe; each backbone alone is the plain timm classifier with the same dropout, "
         "stochastic depth and pretrained weights."
+        + (f" {missing_ids} of {len(frame)} images have no patient id, so their folds are image-level: images of "
+           "one patient may sit on both sides of a split, which flatters every row alike." if missing_ids else "")
         + (f" The 'own recipe' rows change only: `{' '.join(args.alone_overrides)}`." if args.alone_overrides else ""),
         "",
         "| Model | Run folder | Training time (sum over folds) | Wall time of this invocation |",
