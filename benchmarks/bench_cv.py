@@ -76,15 +76,26 @@ def folder(label: str) -> str:
     return label.replace(", ", "_").replace(" ", "_")
 
 
-def keep_labels(data: str, labels: str, runs_dir: Path) -> str:
-    """Write the rows of ``data`` whose label is one of ``labels`` as a manifest under ``runs_dir``."""
+def keep_labels(data: str, labels: str, runs_dir: Path, overwrite: bool) -> str:
+    """Write the rows of ``data`` whose label is one of ``labels`` as a manifest under ``runs_dir``.
+
+    A manifest already there with other rows (earlier runs were trained on it) is replaced only with
+    ``overwrite``.
+    """
     frame = load_dataset(data, verify_images=False)
     wanted = [label.strip() for label in labels.split(",") if label.strip()]
     missing = [label for label in wanted if label not in set(frame["label"])]
     if len(wanted) < 2 or missing:
         raise HSQformerError(f"--labels {labels}: needs two or more labels of {data}"
                              + (f"; not found: {', '.join(missing)}" if missing else ""))
-    return str(write_csv(runs_dir / "manifest.csv", frame[frame["label"].isin(wanted)]))
+    kept = frame[frame["label"].isin(wanted)].reset_index(drop=True)
+    target = runs_dir / "manifest.csv"
+    if target.is_file() and not overwrite:
+        earlier = pd.read_csv(target, dtype=str, keep_default_na=False)
+        if not earlier.equals(kept):
+            raise HSQformerError(f"{target} holds other rows than --labels {labels} selects; rerun with --overwrite")
+        return str(target)
+    return str(write_csv(target, kept))
 
 
 def read_notes(path: Path) -> str:
@@ -146,7 +157,7 @@ def benchmark(args: argparse.Namespace) -> str:
         configs |= {f"{b} alone, own recipe": backbone_config(cfg, i, b, args.alone_overrides)
                     for i, b in enumerate(backbones)}
     runs_dir = HERE / "runs" / args.name
-    data = keep_labels(args.data, args.labels, runs_dir) if args.labels else args.data
+    data = keep_labels(args.data, args.labels, runs_dir, args.overwrite) if args.labels else args.data
     results, walls = {}, {}
     for label, model_cfg in configs.items():
         out = runs_dir / folder(label)
