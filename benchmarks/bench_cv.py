@@ -158,13 +158,12 @@ def benchmark(args: argparse.Namespace) -> str:
                     for i, b in enumerate(backbones)}
     runs_dir = HERE / "runs" / args.name
     data = keep_labels(args.data, args.labels, runs_dir, args.overwrite) if args.labels else args.data
+    outs = {label: runs_dir / folder(label) for label in configs}
     results, walls = {}, {}
     for label, model_cfg in configs.items():
-        out = runs_dir / folder(label)
-        results[label], walls[label] = run_one(label, model_cfg, args, data, tests, out)
+        results[label], walls[label] = run_one(label, model_cfg, args, data, tests, outs[label])
 
-    splits = [pd.read_csv(runs_dir / folder(label) / "splits.csv", dtype=str, keep_default_na=False)
-              for label in configs]
+    splits = [pd.read_csv(out / "splits.csv", dtype=str, keep_default_na=False) for out in outs.values()]
     if any(not s.equals(splits[0]) for s in splits[1:]):
         raise HSQformerError(f"runs under {runs_dir} used different splits; rerun with --overwrite")
     frame = splits[0].drop(columns="fold")
@@ -182,7 +181,8 @@ def benchmark(args: argparse.Namespace) -> str:
         markdown_header(f"Cross-validation benchmark: {cfg.model.name} vs its backbones alone ({args.name})"),
         *([notes, ""] if notes else []),
         f"Data: `{args.data}` ({len(frame)} images used"
-        + (f", labels {args.labels} only, rows written to `{Path(data).relative_to(HERE.parent)}`" if args.labels else "")
+        + (f", labels {args.labels} only, rows written to `{Path(data).relative_to(HERE.parent)}`"
+           if args.labels else "")
         + (f", subset data.max_images={cfg.data.max_images}" if cfg.data.max_images else "")
         + f"); test cohorts: {', '.join(f'{k}=`{v}`' for k, v in tests.items()) or 'none'}.",
         f"All runs use the same {cfg.cv.n_folds} {level} folds (seed {cfg.cv.seed}; splits files identical) "
@@ -194,8 +194,8 @@ def benchmark(args: argparse.Namespace) -> str:
         "",
         "| Model | Run folder | Training time (sum over folds) | Wall time of this invocation |",
         "|---|---|---|---|",
-        *(f"| {label} | `{(runs_dir / folder(label)).relative_to(HERE.parent)}` | {training_time(runs_dir / folder(label))} "
-          f"| {walls[label] / 60:.1f} min |" for label in configs),
+        *(f"| {label} | `{out.relative_to(HERE.parent)}` | {training_time(out)} | {walls[label] / 60:.1f} min |"
+          for label, out in outs.items()),
         "",
         "A fold resumed after an interruption counts only the time after it resumed.",
         "",

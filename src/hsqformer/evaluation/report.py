@@ -132,7 +132,8 @@ def fold_table(
         head.append(f"folds above {reference[0]}")
     lines = [_row(head), _row(["---"] * len(head))]
     for label, metrics in runs.items():
-        values = [fold["cohorts"]["validation"].get(metric, math.nan) for fold in sorted(metrics["folds"], key=lambda f: f["fold"])]
+        folds = sorted(metrics["folds"], key=lambda fold: fold["fold"])
+        values = [fold["cohorts"]["validation"].get(metric, math.nan) for fold in folds]
         cells = [label, *(percent(v) for v in values), percent(float(np.nanmean(values)))]
         if reference is not None:
             cells.append(f"{sum(v > r for v, r in zip(values, reference[1], strict=True))} of {k}")
