@@ -36,6 +36,9 @@ def machine_info() -> dict[str, str]:
     """Command line, date, CPU, cores, memory and package versions of this run."""
     import torch
 
+    from hsqformer.hardware import cpu_capability, cpu_native_bf16
+
+    native, why = cpu_native_bf16()
     versions = {}
     for package in ("hsqformer", "torch", "torchvision", "timm", "lightning", "numpy", "scikit-learn", "pydicom"):
         try:
@@ -46,6 +49,8 @@ def machine_info() -> dict[str, str]:
         "command": " ".join(shlex.quote(a) for a in [os.path.relpath(sys.executable), *sys.argv]),
         "date (UTC)": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
         "cpu": _cpu_model(),
+        "torch CPU capability": cpu_capability(),
+        "CPU native bf16": f"yes, {why}" if native else f"no: {why}",
         "cores": str(os.cpu_count()),
         "torch threads": str(torch.get_num_threads()),
         "memory": f"{_memory_gib():.1f} GiB",

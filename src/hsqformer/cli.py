@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "hsqformer.training.cli",
     "hsqformer.dicom.cli",
     "hsqformer.data.cli",
+    "hsqformer.evaluation.cli",
 )
 
 

@@ -286,10 +286,7 @@ def _shortcut_auc(
     """AUC per fold of a random forest: binary for two classes, one-vs-rest macro otherwise."""
     aucs = []
     for train, val in folds:
-        forest = RandomForestClassifier(n_estimators=N_TREES, random_state=seed, n_jobs=1)
-        forest.fit(x[train], y[train])
-        proba = np.zeros((len(val), len(labels)))
-        proba[:, forest.classes_] = forest.predict_proba(x[val])
+        proba = forest_probabilities(x[train], y[train], [x[val]], seed, len(labels))[0]
         if len(labels) == 2:
             aucs.append(roc_auc_score(y[val] == positive, proba[:, positive]))
         else:
@@ -304,6 +301,27 @@ def _shortcut_auc(
         patient_grouped=bool(grouped),
         metric=metric,
     )
+
+
+def forest_probabilities(
+    x_train: np.ndarray, y_train: np.ndarray, x_eval: Sequence[np.ndarray], seed: int, n_classes: int
+) -> list[np.ndarray]:
+    """Class probabilities (n, n_classes) of the shortcut forest, fitted once, for each array of ``x_eval``."""
+    forest = RandomForestClassifier(n_estimators=N_TREES, random_state=seed, n_jobs=1)
+    forest.fit(x_train, y_train)
+    outputs = []
+    for x in x_eval:
+        proba = np.zeros((len(x), n_classes))
+        if len(x):
+            proba[:, forest.classes_] = forest.predict_proba(x)
+        outputs.append(proba)
+    return outputs
+
+
+def image_features(paths: Sequence[str], desc: str = "shortcut floor", progress: bool = True) -> np.ndarray:
+    """The shortcut features of each image: width, height and a normalised 16-bin grey histogram."""
+    frame = pd.DataFrame({"path": list(paths)})
+    return _image_stats(frame, desc, progress)[0]
 
 
 def _duplicates(names: list[str], frames: list[pd.DataFrame], hashes: list[list[str]]) -> list[DuplicateGroup]:

@@ -12,12 +12,25 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def info(
-        model: str = typer.Argument(..., help="hsqformer_small | hsqformer_base | hsqformer_large, or any timm model name"),
+        model: str = typer.Argument(
+            None, help="hsqformer_small | hsqformer_base | hsqformer_large, or any timm model name"
+        ),
         img_size: int = typer.Option(224, help="input height and width for the FLOP count"),
         num_classes: int = typer.Option(2, help="number of output classes"),
         backbones: str = typer.Option(None, help="HSQformer only: two comma-separated timm backbone names"),
+        system: bool = typer.Option(
+            False, "--system", help="Print this machine's facts instead: CPU capability, bf16 support, threads, GPU."
+        ),
     ) -> None:
-        """Print total parameters, parameters active per token, and GFLOPs of one image."""
+        """Print total parameters, parameters active per token, and GFLOPs of one image (or, with --system, the machine)."""
+        if system:
+            from hsqformer.hardware import system_info
+
+            for key, value in system_info().items():
+                typer.echo(f"{key:<22}{value}")
+            return
+        if model is None:
+            raise HSQformerError("info needs a MODEL name, or --system for this machine's facts")
         import timm
 
         import hsqformer  # noqa: F401  (registers the HSQformer variants)

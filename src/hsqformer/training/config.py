@@ -25,7 +25,7 @@ import yaml
 
 from hsqformer.errors import HSQformerError
 
-PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
 
 
 @dataclass
@@ -115,7 +115,7 @@ class TrainerConfig:
     epochs: int = 20
     batch_size: int = 50
     eval_batch_size: int = 64
-    precision: str = "bf16-mixed"
+    precision: str = "auto"  # bf16 autocast where the hardware computes bf16 natively, else float32
     accelerator: str = "auto"
     devices: int | str = "auto"
     strategy: str = "auto"

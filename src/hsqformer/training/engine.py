@@ -44,6 +44,7 @@ from hsqformer.data import (
 from hsqformer.errors import HSQformerError
 from hsqformer.evaluation.metrics import classification_metrics, summarize
 from hsqformer.evaluation.report import run_table
+from hsqformer.hardware import resolve_precision, system_info
 from hsqformer.training.config import Config, config_from_dict, config_to_dict, first_difference, mixup_enabled
 from hsqformer.training.files import read_format_json, write_csv, write_json, write_text, write_yaml
 
@@ -142,6 +143,8 @@ def run_cv(
     if _is_rank_zero():  # other torchrun processes may start after rank 0 has created the folder
         _check_run_dir(out, overwrite=overwrite, resume=resume)
     inputs = prepare_inputs(cfg, data, tests)
+    precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+    _say(f"precision {precision.precision} ({precision.reason})")
     if resume:
         _check_same_run(out, inputs)
     elif _is_rank_zero():
@@ -155,7 +158,7 @@ def run_cv(
             _say(f"fold {k}: done earlier, skipped")
             continue
         fold_started = time.perf_counter()
-        info = train_fold(k, inputs, fold_dir, train_rows, val_rows)
+        info = train_fold(k, inputs, fold_dir, train_rows, val_rows, precision.precision)
         if _is_rank_zero():
             _evaluate_fold(k, inputs, fold_dir, val_rows)
             info["wall_seconds"] = round(time.perf_counter() - fold_started, 1)
@@ -173,9 +176,17 @@ def run_cv(
 
 
 def train_fold(
-    k: int, inputs: CVInputs, fold_dir: Path, train_rows: np.ndarray, val_rows: np.ndarray
+    k: int,
+    inputs: CVInputs,
+    fold_dir: Path,
+    train_rows: np.ndarray,
+    val_rows: np.ndarray,
+    precision: str | None = None,
 ) -> dict[str, Any]:
-    """Train fold ``k`` (resuming from its last checkpoint when there is one); returns facts for done.json."""
+    """Train fold ``k`` (resuming from its last checkpoint when there is one); returns facts for done.json.
+
+    ``precision`` is a resolved Lightning precision; None resolves ``trainer.precision`` here.
+    """
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
@@ -187,6 +198,7 @@ def train_fold(
     from hsqformer.training.transforms import eval_transform, preprocess_config, train_transform
 
     cfg = inputs.cfg
+    precision = precision or resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator).precision
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_no_advertising)
     last = fold_dir / "lightning" / "last.ckpt"
     resume_from = last if last.is_file() else None
@@ -227,7 +239,7 @@ def train_fold(
     start = StartEpoch()
     trainer = L.Trainer(
         max_epochs=cfg.trainer.epochs,
-        precision=cfg.trainer.precision,
+        precision=precision,
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
         strategy=cfg.trainer.strategy,
@@ -266,6 +278,7 @@ def train_fold(
         "val_auc": exporter.best_score,
         "resumed_from_epoch": start.epoch if resume_from else None,
         "epochs": cfg.trainer.epochs,
+        "precision": precision,
     }
 
 
@@ -521,6 +534,7 @@ def package_versions() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "cuda": torch.version.cuda,
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "system": system_info(),
         "packages": packages,
     }
 

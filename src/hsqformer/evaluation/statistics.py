@@ -1,0 +1,273 @@
+"""Confidence intervals and paired tests for diagnostic accuracy.
+
+- ROC AUC: DeLong et al. (1988) variance and covariance of correlated AUCs, in
+  the O(n log n) midrank formulation of Sun & Xu (2014), giving CIs and the
+  paired test of two scores on the same cases.
+- Proportions (sensitivity, specificity, PPV, NPV, accuracy, F1): a seeded
+  bootstrap that resamples *patients*, so that several images of one patient
+  move together (scipy.stats.bootstrap over patient indices).
+- Paired proportions: McNemar's exact test on the discordant pairs.
+- Single proportions: Wilson's score interval.
+- Several comparisons: Holm's step-down adjustment.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+CONFIDENCE = 0.95
+COUNT_METRICS = ("accuracy", "sensitivity", "specificity", "ppv", "npv", "f1")
+
+
+@dataclass(frozen=True)
+class DeLong:
+    """AUCs of k scores on the same cases and the covariance matrix of their estimates."""
+
+    aucs: np.ndarray  # (k,)
+    covariance: np.ndarray  # (k, k)
+
+    def ci(self, index: int = 0, confidence: float = CONFIDENCE) -> tuple[float, float]:
+        """Normal-theory interval of AUC ``index``, clipped to [0, 1]."""
+        z = stats.norm.ppf(0.5 + confidence / 2)
+        se = math.sqrt(max(float(self.covariance[index, index]), 0.0))
+        auc = float(self.aucs[index])
+        return float(max(0.0, auc - z * se)), float(min(1.0, auc + z * se))
+
+    def test(self, a: int, b: int) -> tuple[float, float]:
+        """Paired test of AUC ``a`` = AUC ``b``: the z statistic and its two-sided p-value."""
+        c = self.covariance
+        variance = float(c[a, a] + c[b, b] - 2 * c[a, b])
+        difference = float(self.aucs[a] - self.aucs[b])
+        if variance <= 1e-15:
+            return (0.0, 1.0) if abs(difference) < 1e-12 else (math.copysign(math.inf, difference), 0.0)
+        z = difference / math.sqrt(variance)
+        return z, float(2 * stats.norm.sf(abs(z)))
+
+
+def delong(truth: np.ndarray, scores: np.ndarray) -> DeLong:
+    """DeLong's AUCs and covariance for scores (k, n) or (n,) against boolean truth (n,).
+
+    Ties count one half, as in the Mann-Whitney statistic. Needs at least one
+    positive and one negative case; with a single case of a class the
+    covariance is undefined (NaN).
+    """
+    truth = np.asarray(truth, dtype=bool)
+    scores = np.atleast_2d(np.asarray(scores, dtype=np.float64))
+    if scores.shape[1] != truth.shape[0]:
+        raise ValueError(f"scores have {scores.shape[1]} cases, truth has {truth.shape[0]}")
+    positives, negatives = scores[:, truth], scores[:, ~truth]
+    m, n = positives.shape[1], negatives.shape[1]
+    if m == 0 or n == 0:
+        raise ValueError("the AUC needs at least one positive and one negative case")
+    rank_pos = stats.rankdata(positives, axis=1)
+    rank_neg = stats.rankdata(negatives, axis=1)
+    rank_all = stats.rankdata(np.concatenate([positives, negatives], axis=1), axis=1)
+    aucs = (rank_all[:, :m].sum(axis=1) - m * (m + 1) / 2) / (m * n)
+    # structural components (placement values): for each positive, the fraction of negatives it beats;
+    # for each negative, the fraction of positives that beat it
+    v_pos = (rank_all[:, :m] - rank_pos) / n
+    v_neg = 1.0 - (rank_all[:, m:] - rank_neg) / m
+    k = scores.shape[0]
+    if m < 2 or n < 2:
+        return DeLong(aucs, np.full((k, k), np.nan))
+    cov_pos = np.atleast_2d(np.cov(v_pos))
+    cov_neg = np.atleast_2d(np.cov(v_neg))
+    return DeLong(aucs, cov_pos / m + cov_neg / n)
+
+
+def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> tuple[int, int, float]:
+    """McNemar's exact test of paired outcomes: cases only A got right, only B got right, two-sided p."""
+    a = np.asarray(correct_a, dtype=bool)
+    b = np.asarray(correct_b, dtype=bool)
+    only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))
+    discordant = only_a + only_b
+    p = 1.0 if discordant == 0 else float(stats.binomtest(only_a, discordant, 0.5).pvalue)
+    return only_a, only_b, min(p, 1.0)
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (NaN entries stay NaN and are not counted)."""
+    p = np.asarray(pvalues, dtype=np.float64)
+    adjusted = np.full_like(p, np.nan)
+    valid = np.flatnonzero(~np.isnan(p))
+    order = valid[np.argsort(p[valid], kind="stable")]
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, (len(order) - rank) * p[i])
+        adjusted[i] = min(1.0, running)
+    return adjusted.tolist()
+
+
+def wilson(successes: int, trials: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Wilson's score interval of a proportion; (nan, nan) for zero trials."""
+    if trials == 0:
+        return math.nan, math.nan
+    ci = stats.binomtest(int(successes), int(trials)).proportion_ci(confidence, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def confusion_counts(truth: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """Per case: one-hot (tp, fp, tn, fn) as an (n, 4) array."""
+    t = np.asarray(truth, dtype=bool)
+    p = np.asarray(predicted, dtype=bool)
+    return np.stack([p & t, p & ~t, ~p & ~t, ~p & t], axis=1).astype(np.float64)
+
+
+def count_metrics(counts: np.ndarray) -> dict[str, np.ndarray]:
+    """Accuracy, sensitivity, specificity, PPV, NPV and F1 from (..., 4) tp/fp/tn/fn totals."""
+    tp, fp, tn, fn = (counts[..., i] for i in range(4))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {
+            "accuracy": (tp + tn) / (tp + fp + tn + fn),
+            "sensitivity": tp / (tp + fn),
+            "specificity": tn / (tn + fp),
+            "ppv": tp / (tp + fp),
+            "npv": tn / (tn + fn),
+            "f1": 2 * tp / (2 * tp + fp + fn),
+        }
+
+
+def patient_groups(patients: Sequence[str]) -> np.ndarray:
+    """A group index per case: cases of one patient share it; a case without an id is its own patient."""
+    index: dict[str, int] = {}
+    groups = np.empty(len(patients), dtype=np.int64)
+    for i, patient in enumerate(patients):
+        key = str(patient) if patient not in (None, "") and not _isnan(patient) else f"\0case{i}"
+        groups[i] = index.setdefault(key, len(index))
+    return groups
+
+
+def bootstrap_count_metrics(
+    truth: np.ndarray,
+    predicted: np.ndarray,
+    groups: np.ndarray,
+    *,
+    n_resamples: int = 2000,
+    seed: int = 0,
+    confidence: float = CONFIDENCE,
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap CIs of the count metrics, resampling patients (``groups``) with replacement."""
+    per_case = confusion_counts(truth, predicted)
+    n_groups = int(groups.max()) + 1 if len(groups) else 0
+    per_patient = np.zeros((n_groups, 4))
+    np.add.at(per_patient, groups, per_case)
+    names = COUNT_METRICS
+
+    def statistic(sample: np.ndarray, axis: int = -1) -> np.ndarray:
+        totals = per_patient[sample].sum(axis=-2)
+        values = count_metrics(totals)
+        return np.stack([values[name] for name in names])
+
+    return _bootstrap(statistic, n_groups, names, n_resamples, seed, confidence, vectorized=True)
+
+
+def patient_bootstrap(
+    statistic: Callable[[np.ndarray], float],
+    groups: np.ndarray,
+    *,
+    n_resamples: int = 2000,
+    seed: int = 0,
+    confidence: float = CONFIDENCE,
+) -> tuple[float, float]:
+    """Percentile bootstrap CI of ``statistic(case_indices)``, resampling patients with replacement."""
+    n_groups = int(groups.max()) + 1
+    members = [np.flatnonzero(groups == g) for g in range(n_groups)]
+
+    def on_patients(sample: np.ndarray) -> float:
+        return statistic(np.concatenate([members[g] for g in sample.astype(np.int64)]))
+
+    return _bootstrap(on_patients, n_groups, ("value",), n_resamples, seed, confidence, vectorized=False)["value"]
+
+
+def _bootstrap(
+    statistic: Callable[..., np.ndarray | float],
+    n_groups: int,
+    names: Sequence[str],
+    n_resamples: int,
+    seed: int,
+    confidence: float,
+    *,
+    vectorized: bool,
+) -> dict[str, tuple[float, float]]:
+    if n_groups < 2:
+        return {name: (math.nan, math.nan) for name in names}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        result = stats.bootstrap(
+            (np.arange(n_groups),),
+            statistic,
+            n_resamples=n_resamples,
+            confidence_level=confidence,
+            method="percentile",
+            vectorized=vectorized,
+            batch=max(1, min(n_resamples, 2_000_000 // max(n_groups, 1))) if vectorized else None,
+            rng=np.random.default_rng(seed),
+        )
+    low = np.atleast_1d(result.confidence_interval.low)
+    high = np.atleast_1d(result.confidence_interval.high)
+    return {name: (float(low[i]), float(high[i])) for i, name in enumerate(names)}
+
+
+def youden_threshold(truth: np.ndarray, scores: np.ndarray) -> float:
+    """The score threshold (predict positive when score >= it) that maximises sensitivity + specificity - 1."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, thresholds = roc_curve(np.asarray(truth, dtype=bool), scores)
+    finite = np.isfinite(thresholds)
+    j = (tpr - fpr)[finite]
+    return float(thresholds[finite][int(np.argmax(j))])
+
+
+def sensitivity_threshold(truth: np.ndarray, scores: np.ndarray, target: float) -> float:
+    """The highest threshold whose sensitivity reaches ``target`` (so specificity is as high as it can be)."""
+    truth = np.asarray(truth, dtype=bool)
+    positives = np.sort(np.asarray(scores, dtype=np.float64)[truth])[::-1]
+    if len(positives) == 0:
+        raise ValueError("no positive cases to reach a sensitivity with")
+    needed = max(1, math.ceil(target * len(positives) - 1e-9))
+    return float(positives[needed - 1])
+
+
+def calibration(truth: np.ndarray, scores: np.ndarray, bins: int = 10) -> dict[str, object]:
+    """Reliability diagram data (equal-width bins) and the expected calibration error."""
+    truth = np.asarray(truth, dtype=np.float64)
+    scores = np.asarray(scores, dtype=np.float64)
+    which = np.clip((scores * bins).astype(np.int64), 0, bins - 1)
+    count = np.bincount(which, minlength=bins).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_score = np.bincount(which, weights=scores, minlength=bins) / count
+        observed = np.bincount(which, weights=truth, minlength=bins) / count
+    used = count > 0
+    ece = float(np.sum(count[used] * np.abs(observed[used] - mean_score[used])) / max(len(scores), 1))
+    return {
+        "bins": bins,
+        "count": count.astype(int).tolist(),
+        "mean_score": [float(v) for v in mean_score],
+        "observed": [float(v) for v in observed],
+        "ece": ece,
+    }
+
+
+def _isnan(value: object) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def format_ci(value: float, ci: tuple[float, float], scale: float = 100.0, digits: int = 1) -> str:
+    """``value [low, high]`` (in percent by default); ``n/a`` when undefined."""
+    if value is None or _isnan(value):
+        return "n/a"
+    if any(v is None or _isnan(v) for v in ci):
+        return f"{scale * value:.{digits}f}"
+    return f"{scale * value:.{digits}f} [{scale * ci[0]:.{digits}f}, {scale * ci[1]:.{digits}f}]"
+
+
+def format_p(p: float) -> str:
+    """A p-value as reviewers read it: three decimals, or ``<0.001``."""
+    if p is None or _isnan(p):
+        return "n/a"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
