@@ -177,13 +177,14 @@ def compare_runs(
             raise HSQformerError(f"cohort '{cohort}' has images of one class only; its AUC is undefined")
         scores = np.stack([run.cohorts[cohort].scores for run in runs])
         dl = st.delong(truth, scores)
+        weights = st.resample_weights(int(groups.max()) + 1, n_resamples, seed)
         models = {}
         for i, run in enumerate(runs):
             models[run.name] = {
                 "auc": float(dl.aucs[i]),
                 "auc_ci": dl.ci(i),
-                "at_0.5": _point_metrics(truth, scores[i], groups, PAPER_THRESHOLD, n_resamples, seed),
-                "at_operating_point": _point_metrics(truth, scores[i], groups, thresholds[run.name], n_resamples, seed),
+                "at_0.5": _point_metrics(truth, scores[i], groups, PAPER_THRESHOLD, weights),
+                "at_operating_point": _point_metrics(truth, scores[i], groups, thresholds[run.name], weights),
                 "calibration": st.calibration(truth, scores[i]),
             }
         cohorts[cohort] = {
@@ -205,7 +206,10 @@ def compare_runs(
             "thresholds": thresholds,
         },
         "confidence": st.CONFIDENCE,
-        "bootstrap": {"resamples": n_resamples, "seed": seed, "unit": "patient", "method": "percentile"},
+        "bootstrap": {
+            "resamples": n_resamples, "seed": seed, "unit": "patient", "method": "percentile",
+            "paired": "the same resamples for every model of a cohort",
+        },
         "runs": [
             {"name": r.name, "path": r.path, "model": r.model, "fold_aucs": r.fold_aucs} for r in runs
         ],
@@ -214,12 +218,12 @@ def compare_runs(
 
 
 def _point_metrics(
-    truth: np.ndarray, scores: np.ndarray, groups: np.ndarray, threshold: float, n_resamples: int, seed: int
+    truth: np.ndarray, scores: np.ndarray, groups: np.ndarray, threshold: float, weights: np.ndarray
 ) -> dict[str, Any]:
     predicted = scores >= threshold
     totals = st.confusion_counts(truth, predicted).sum(axis=0)
     values = st.count_metrics(totals)
-    cis = st.bootstrap_count_metrics(truth, predicted, groups, n_resamples=n_resamples, seed=seed)
+    cis = st.bootstrap_count_metrics(truth, predicted, groups, weights=weights)
     tp, fp, tn, fn = (int(v) for v in totals)
     return {
         "threshold": float(threshold),

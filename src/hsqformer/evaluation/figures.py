@@ -14,7 +14,7 @@ from hsqformer.evaluation.compare import RunScores
 from hsqformer.training.files import atomic_path
 
 FPR_GRID = np.linspace(0.0, 1.0, 101)
-BAND_RESAMPLES = 300
+BAND_RESAMPLES = 200
 
 
 def _pyplot():
@@ -41,16 +41,14 @@ def roc_band(truth: np.ndarray, scores: np.ndarray, groups: np.ndarray, seed: in
     """Pointwise 95 % band of the ROC curve's sensitivity on ``FPR_GRID`` (patient bootstrap)."""
     from sklearn.metrics import roc_curve
 
-    rng = np.random.default_rng(seed)
-    n_groups = int(groups.max()) + 1
-    members = [np.flatnonzero(groups == g) for g in range(n_groups)]
     curves = []
-    for _ in range(BAND_RESAMPLES):
-        rows = np.concatenate([members[g] for g in rng.integers(0, n_groups, n_groups)])
-        t = truth[rows]
+    for weights in st.resample_weights(int(groups.max()) + 1, BAND_RESAMPLES, seed):
+        per_case = weights[groups]
+        drawn = per_case > 0
+        t = truth[drawn]
         if t.all() or not t.any():
             continue
-        fpr, tpr, _ = roc_curve(t, scores[rows])
+        fpr, tpr, _ = roc_curve(t, scores[drawn], sample_weight=per_case[drawn])
         curves.append(np.interp(FPR_GRID, fpr, tpr))
     curves_array = np.array(curves)
     return np.percentile(curves_array, 2.5, axis=0), np.percentile(curves_array, 97.5, axis=0)

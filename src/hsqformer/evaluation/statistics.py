@@ -4,8 +4,10 @@
   the O(n log n) midrank formulation of Sun & Xu (2014), giving CIs and the
   paired test of two scores on the same cases.
 - Proportions (sensitivity, specificity, PPV, NPV, accuracy, F1): a seeded
-  bootstrap that resamples *patients*, so that several images of one patient
-  move together (scipy.stats.bootstrap over patient indices).
+  percentile bootstrap that resamples *patients*, so that several images of one
+  patient move together; the resamples are multinomial patient counts, so one
+  set serves every model (paired) and a resample's totals are one matrix product.
+  Any other statistic: scipy.stats.bootstrap over patient indices.
 - Paired proportions: McNemar's exact test on the discordant pairs.
 - Single proportions: Wilson's score interval.
 - Several comparisons: Holm's step-down adjustment.
@@ -14,7 +16,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -142,6 +144,16 @@ def patient_groups(patients: Sequence[str]) -> np.ndarray:
     return groups
 
 
+def resample_weights(n_groups: int, n_resamples: int = 2000, seed: int = 0) -> np.ndarray:
+    """How often each patient is drawn in each bootstrap resample: an (n_resamples, n_groups) array.
+
+    Drawing n patients with replacement is a multinomial count per patient; totals of a
+    resample are then one matrix product, and the same resamples serve every model (paired).
+    """
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=n_resamples).astype(np.float32)
+
+
 def bootstrap_count_metrics(
     truth: np.ndarray,
     predicted: np.ndarray,
@@ -150,20 +162,33 @@ def bootstrap_count_metrics(
     n_resamples: int = 2000,
     seed: int = 0,
     confidence: float = CONFIDENCE,
+    weights: np.ndarray | None = None,
 ) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap CIs of the count metrics, resampling patients (``groups``) with replacement."""
+    """Percentile bootstrap CIs of the count metrics, resampling patients (``groups``) with replacement.
+
+    ``weights`` (from ``resample_weights``) reuses resamples across calls; otherwise they are drawn
+    from ``n_resamples`` and ``seed``.
+    """
     per_case = confusion_counts(truth, predicted)
     n_groups = int(groups.max()) + 1 if len(groups) else 0
+    if n_groups < 2:
+        return {name: (math.nan, math.nan) for name in COUNT_METRICS}
     per_patient = np.zeros((n_groups, 4))
     np.add.at(per_patient, groups, per_case)
-    names = COUNT_METRICS
-
-    def statistic(sample: np.ndarray, axis: int = -1) -> np.ndarray:
-        totals = per_patient[sample].sum(axis=-2)
-        values = count_metrics(totals)
-        return np.stack([values[name] for name in names])
-
-    return _bootstrap(statistic, n_groups, names, n_resamples, seed, confidence, vectorized=True)
+    if weights is None:
+        weights = resample_weights(n_groups, n_resamples, seed)
+    totals = weights @ per_patient.astype(np.float32)
+    values = count_metrics(totals.astype(np.float64))
+    tail = 100 * (1 - confidence) / 2
+    result = {}
+    for name in COUNT_METRICS:
+        finite = values[name][np.isfinite(values[name])]
+        if len(finite) == 0:
+            result[name] = (math.nan, math.nan)
+        else:
+            low, high = np.percentile(finite, [tail, 100 - tail])
+            result[name] = (float(low), float(high))
+    return result
 
 
 def patient_bootstrap(
@@ -181,35 +206,19 @@ def patient_bootstrap(
     def on_patients(sample: np.ndarray) -> float:
         return statistic(np.concatenate([members[g] for g in sample.astype(np.int64)]))
 
-    return _bootstrap(on_patients, n_groups, ("value",), n_resamples, seed, confidence, vectorized=False)["value"]
-
-
-def _bootstrap(
-    statistic: Callable[..., np.ndarray | float],
-    n_groups: int,
-    names: Sequence[str],
-    n_resamples: int,
-    seed: int,
-    confidence: float,
-    *,
-    vectorized: bool,
-) -> dict[str, tuple[float, float]]:
     if n_groups < 2:
-        return {name: (math.nan, math.nan) for name in names}
+        return math.nan, math.nan
     with np.errstate(invalid="ignore", divide="ignore"):
         result = stats.bootstrap(
             (np.arange(n_groups),),
-            statistic,
+            on_patients,
             n_resamples=n_resamples,
             confidence_level=confidence,
             method="percentile",
-            vectorized=vectorized,
-            batch=max(1, min(n_resamples, 2_000_000 // max(n_groups, 1))) if vectorized else None,
+            vectorized=False,
             rng=np.random.default_rng(seed),
         )
-    low = np.atleast_1d(result.confidence_interval.low)
-    high = np.atleast_1d(result.confidence_interval.high)
-    return {name: (float(low[i]), float(high[i])) for i, name in enumerate(names)}
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
 def youden_threshold(truth: np.ndarray, scores: np.ndarray) -> float:
