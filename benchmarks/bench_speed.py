@@ -177,6 +177,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--memory-batch", type=int, default=50)
+    parser.add_argument("--variants", default="hsqformer_small,hsqformer_base", help="comma-separated variants")
+    parser.add_argument("--skip-memory", action="store_true", help="leave out the batch-50 memory measurement")
     parser.add_argument("--worker", nargs=2, metavar=("TASK", "MODEL"), help=argparse.SUPPRESS)
     parser.add_argument("--grad-checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -201,7 +203,7 @@ def main() -> None:
     lines.append(f"\n## Throughput, batch {args.batch}, 224x224 (images/s; median of {args.repeats})\n")
     lines.append("| model | GFLOPs/img | infer bf16 | infer fp32 | train bf16 | train fp32 | infer bf16 GFLOP/s |")
     lines.append("|---|---|---|---|---|---|---|")
-    variants = ("hsqformer_small", "hsqformer_base")
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     for variant in variants:
         first = in_subprocess("--worker", "model", variant, *common)
         for name in [variant, *first.get("backbones", [])]:
@@ -240,8 +242,10 @@ def main() -> None:
     lines.append("| routing | seconds | vs dense |\n|---|---|---|")
     lines += [f"| {k} | {v:.3f} | {v / moe['dense']:.2f}x |" for k, v in moe.items()]
 
-    lines.append("\n## Memory: one bf16 training step of hsqformer_base, 224x224 (fresh process, peak RSS)\n")
-    for checkpointing in (False, True):
+    memory_runs = () if args.skip_memory else (False, True)
+    if memory_runs:
+        lines.append("\n## Memory: one bf16 training step of hsqformer_base, 224x224 (fresh process, peak RSS)\n")
+    for checkpointing in memory_runs:
         extra = ["--grad-checkpointing"] if checkpointing else []
         r = in_subprocess("--worker", "memory", "hsqformer_base", "--memory-batch", str(args.memory_batch), *extra)
         label = f"batch {args.memory_batch}, grad checkpointing {'on' if checkpointing else 'off'}"

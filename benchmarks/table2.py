@@ -1,0 +1,87 @@
+"""Table 2 with evidence: HSQformer and its baselines on the same folds, judged by ``hsqformer compare``.
+
+Run from the repository root, e.g.:
+
+    .venv/bin/python benchmarks/table2.py --preset cpu --data ../shared/data/liver-sysu --name liver-sysu_cpu
+    .venv/bin/python benchmarks/table2.py --preset paper --data DATA --test high-risk=TEST3 --name paper  # GPU
+
+Each config of the preset is trained with ``hsqformer cv`` into ``benchmarks/runs/table2_NAME/<key>/``
+(git-ignored; an interrupted run is resumed, a finished one reused), all on the data's seeded
+patient-level folds; then ``hsqformer compare`` (with the shortcut floor as one more model and the
+first config as reference) writes ``benchmarks/results/compare_NAME/`` (report.md, figures, JSON).
+
+Presets:
+- ``cpu``: HSQformer-S of configs/cpu.yaml against EfficientNet-Lite0/1/2 alone, each with a learning
+  rate of its own (configs/cpu_baselines/). About 2 hours on a 2-core CPU with native bf16 (HSQformer-S
+  ~75 min, each Lite ~10 min); on a CPU without native bf16 HSQformer-S alone takes several hours.
+- ``paper``: HSQformer-B of configs/paper.yaml against the twelve baselines of configs/baselines/
+  (GPU; ImageNet weights must be reachable, see the configs' comments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+PRESETS = {
+    "cpu": {
+        "hsqformer_s": "configs/cpu.yaml",
+        "lite0": "configs/cpu_baselines/lite0.yaml",
+        "lite1": "configs/cpu_baselines/lite1.yaml",
+        "lite2": "configs/cpu_baselines/lite2.yaml",
+    },
+    "paper": {
+        "hsqformer_b": "configs/paper.yaml",
+        **{path.stem: str(path.relative_to(REPO)) for path in sorted((REPO / "configs" / "baselines").glob("*.yaml"))},
+    },
+}
+
+
+def hsqformer(*args: str) -> None:
+    """Run one ``hsqformer`` command of this environment; stop the benchmark if it fails."""
+    command = [str(Path(sys.executable).with_name("hsqformer")), *args]
+    print("+", " ".join(command), flush=True)
+    if subprocess.run(command, cwd=REPO).returncode != 0:
+        sys.exit(f"error: {' '.join(command[1:3])} failed; fix it and rerun this benchmark (finished runs are kept)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--test", action="append", default=[], help="NAME=DATA test cohort (repeatable)")
+    parser.add_argument("--name", required=True, help="names the run folder and the report")
+    parser.add_argument("--only", help="comma-separated config keys to train (default: all of the preset)")
+    parser.add_argument("--target-sensitivity", type=float, default=None)
+    args = parser.parse_args()
+
+    configs = PRESETS[args.preset]
+    keys = [k.strip() for k in args.only.split(",")] if args.only else list(configs)
+    unknown = [k for k in keys if k not in configs]
+    if unknown:
+        sys.exit(f"error: --only: unknown key {unknown[0]} (preset {args.preset}: {', '.join(configs)})")
+    runs = HERE / "runs" / f"table2_{args.name}"
+    for key in keys:
+        out = runs / key
+        if (out / "metrics.json").is_file():
+            print(f"{key}: finished earlier, reused", flush=True)
+            continue
+        if (out / "run.json").is_file():
+            hsqformer("cv", "--out", str(out), "--resume")
+        else:
+            tests = [item for test in args.test for item in ("--test", test)]
+            hsqformer("cv", "--config", configs[key], "--data", args.data, *tests, "--out", str(out))
+    finished = [str(runs / key) for key in configs if (runs / key / "metrics.json").is_file()]
+    if not finished:
+        sys.exit("error: no finished run to compare")
+    report = HERE / "results" / f"compare_{args.name}"
+    extra = ["--target-sensitivity", str(args.target_sensitivity)] if args.target_sensitivity else []
+    hsqformer("compare", *finished, "--floor", "--out", str(report), "--overwrite", *extra)
+
+
+if __name__ == "__main__":
+    main()
