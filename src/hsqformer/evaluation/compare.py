@@ -202,7 +202,7 @@ def compare_runs(
         "positive_class": ref.positive_class,
         "operating_point": {
             "rule": rule,
-            "chosen_on": "pooled out-of-fold validation predictions of each model",
+            "chosen_on": "pooled out-of-fold validation predictions",
             "thresholds": thresholds,
         },
         "confidence": st.CONFIDENCE,

@@ -98,7 +98,8 @@ def confusion_figure(runs: Sequence[RunScores], cohort: str, report: dict[str, A
         matrix = np.array([[c["tn"], c["fp"]], [c["fn"], c["tp"]]])
         ax.imshow(matrix, cmap="Blues")
         for (i, j), value in np.ndenumerate(matrix):
-            ax.text(j, i, str(value), ha="center", va="center", color="black", fontsize=11)
+            dark = value > matrix.max() / 2
+            ax.text(j, i, str(value), ha="center", va="center", color="white" if dark else "black", fontsize=11)
         ax.set_xticks([0, 1], [negative, positive], fontsize=7)
         ax.set_yticks([0, 1], [negative, positive], fontsize=7)
         ax.set_xlabel("predicted", fontsize=8)
