@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from dicom_fixtures import Patient, liver_pngs, make_us_case, read_png  # noqa: E402
+from dicom_fixtures import LIVER_DIR, Patient, liver_pngs, make_us_case, read_png  # noqa: E402
 
 from hsqformer.dicom.convert import ConvertOptions, convert_tree  # noqa: E402
 from hsqformer.dicom.text_masking import RapidOCRDetector, TextCandidate, TextRules, confirmed_text  # noqa: E402
@@ -97,6 +97,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "dicom.md")
     args = parser.parse_args()
+    if not LIVER_DIR.is_dir():  # the tests' stand-ins for a clone would give meaningless numbers here
+        parser.error(f"needs the liver-sysu images in {LIVER_DIR}")
 
     lines = [
         "# dicom2png benchmark",

@@ -1,5 +1,8 @@
 """Builders of synthetic ultrasound DICOMs from the liver-sysu PNGs, for the DICOM tests and benchmark.
 
+Without ../shared/data (a clone), ``liver_pngs`` gives stand-ins instead: the embedded BUSI sample's
+images enlarged to a liver-sysu-like 512x400 RGB, large enough for the burned-in text lines.
+
 Each file carries a fictitious patient in its header and burns that patient's name,
 ID, exam date and hospital into the pixels with cv2.putText, in the border bands
 around the scan as scanners do (and, optionally, inside the scan area).
@@ -7,6 +10,10 @@ around the scan as scanners do (and, optionally, inside the scan area).
 
 from __future__ import annotations
 
+import atexit
+import functools
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,9 +21,11 @@ import cv2
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, UltrasoundImageStorage, generate_uid
+from shared_data import DATA, SAMPLE
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA_DIR = DATA
 LIVER_DIR = DATA_DIR / "liver-sysu"
+STAND_IN_SIZE = (512, 400)  # width, height: within liver-sysu's 428x339 .. 950x710
 
 #: Border bands (pixels) around the pasted scan: top, bottom, left, right.
 BANDS = (44, 34, 24, 24)
@@ -53,8 +62,26 @@ class UsCase:
 
 
 def liver_pngs() -> list[Path]:
-    """The liver-sysu images, sorted by class then name."""
-    return sorted(LIVER_DIR.glob("*/*.png"))
+    """The liver-sysu images, sorted by class then name (without them, stand-ins from the embedded sample)."""
+    if LIVER_DIR.is_dir():
+        return sorted(LIVER_DIR.glob("*/*.png"))
+    return list(_sample_stand_ins())
+
+
+@functools.cache
+def _sample_stand_ins() -> tuple[Path, ...]:
+    """The embedded sample's images as 512x400 RGB PNGs in CLASS/ folders of a temporary folder (one per process)."""
+    folder = Path(tempfile.mkdtemp(prefix="hsqformer-scans-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    pngs = []
+    for source in sorted(SAMPLE.glob("*/*.png")):
+        grey = cv2.imread(str(source), cv2.IMREAD_GRAYSCALE)
+        scan = cv2.cvtColor(cv2.resize(grey, STAND_IN_SIZE, interpolation=cv2.INTER_CUBIC), cv2.COLOR_GRAY2BGR)
+        target = folder / source.parent.name / source.name
+        target.parent.mkdir(exist_ok=True)
+        cv2.imwrite(str(target), scan)
+        pngs.append(target)
+    return tuple(pngs)
 
 
 def _put(canvas: np.ndarray, text: str, org: tuple[int, int], scale: float = 0.6) -> None:

@@ -15,7 +15,8 @@ from hsqformer.evaluation import statistics as st
 from hsqformer.evaluation.audit import run_audit
 from hsqformer.evaluation.compare import compare_runs, load_run
 from run_fixtures import synthetic_study
-from test_cli_cv import DATA, SMOKE, run_cli, snapshot
+from shared_data import DATA, requires_shared_data
+from test_cli_cv import SMOKE, run_cli, snapshot
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -162,7 +163,7 @@ def test_an_existing_report_is_kept_without_overwrite(study, report_dir, tmp_pat
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
-@pytest.mark.skipif(not (DATA / "liver-sysu").is_dir(), reason="needs ../shared/data/liver-sysu (real data)")
+@requires_shared_data
 def test_a_real_run_against_the_shortcut_floor(tmp_path):
     """A smoke run on liver-sysu images and the audit's shortcut floor on its folds, paired on the same images."""
     frame = pd.read_csv(DATA / "liver-sysu" / "manifest.csv", dtype=str, keep_default_na=False)

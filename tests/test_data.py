@@ -1,4 +1,5 @@
-"""Dataset reading, input checks, image decoding and patient-level splits, on the real sets."""
+"""Dataset reading, input checks, image decoding and patient-level splits: on the real sets where a test is about
+them (skipped without ../shared/data), on the embedded BUSI sample everywhere else."""
 
 from __future__ import annotations
 
@@ -24,17 +25,11 @@ from hsqformer.data import (
     save_folds,
 )
 from hsqformer.errors import HSQformerError
+from shared_data import DATA, SAMPLE, requires_shared_data, sample_images
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 LIVER = DATA / "liver-sysu"
 BUSI = DATA / "busi"
 HSQFORMER = Path(sys.executable).with_name("hsqformer")
-
-
-def liver_images(label: str, n: int) -> list[Path]:
-    """The first ``n`` liver-sysu images of a class, in manifest order."""
-    manifest = pd.read_csv(LIVER / "manifest.csv")
-    return [LIVER / p for p in manifest.loc[manifest["label"] == label, "path"].head(n)]
 
 
 def write_manifest(folder: Path, rows: list[tuple[str, str, str, str]], name: str = "data.csv") -> Path:
@@ -46,8 +41,8 @@ def write_manifest(folder: Path, rows: list[tuple[str, str, str, str]], name: st
 
 @pytest.fixture
 def small_set(tmp_path: Path) -> Path:
-    """A CSV manifest over 4 benign and 4 malignant real images, paths absolute."""
-    rows = [(str(p), label, p.stem, "SYSU-3") for label in ("benign", "malignant") for p in liver_images(label, 4)]
+    """A CSV manifest over 4 benign and 4 malignant images of the embedded sample, paths absolute."""
+    rows = [(str(p), label, p.stem, "BUSI") for label in ("benign", "malignant") for p in sample_images(label, 4)]
     return write_manifest(tmp_path / "set", rows)
 
 
@@ -59,6 +54,7 @@ def one_line_error(call) -> str:
     return message
 
 
+@requires_shared_data
 def test_liver_sysu_loads_with_patient_ids() -> None:
     raw = pd.read_csv(LIVER / "manifest.csv", dtype=str)
     with warnings.catch_warnings():
@@ -73,6 +69,7 @@ def test_liver_sysu_loads_with_patient_ids() -> None:
     assert class_names(frame) == ["benign", "malignant"]
 
 
+@requires_shared_data
 def test_busi_without_patient_ids_warns_image_level() -> None:
     with pytest.warns(UserWarning, match="no patient_id.*image-level"):
         frame = load_dataset(BUSI, classes=["normal", "benign", "malignant"])
@@ -85,7 +82,7 @@ def test_busi_without_patient_ids_warns_image_level() -> None:
 def test_folder_per_class_without_manifest(tmp_path: Path) -> None:
     for label in ("benign", "malignant"):
         (tmp_path / label / "nested").mkdir(parents=True)
-        for i, source in enumerate(liver_images(label, 3)):
+        for i, source in enumerate(sample_images(label, 3)):
             target = tmp_path / label / ("nested" if i == 0 else "") / source.name
             shutil.copy(source, target)
         (tmp_path / label / "notes.txt").write_text("not an image")
@@ -101,7 +98,7 @@ def test_relative_paths_resolve_against_the_manifest(tmp_path: Path) -> None:
     images.mkdir()
     rows = []
     for label in ("benign", "malignant"):
-        source = liver_images(label, 1)[0]
+        source = sample_images(label, 1)[0]
         shutil.copy(source, images / source.name)
         rows.append((f"imgs/{source.name}", label, source.stem, "c"))
     frame = load_dataset(write_manifest(tmp_path, rows))
@@ -145,7 +142,7 @@ def test_empty_class_is_an_error(small_set: Path, tmp_path: Path) -> None:
     assert "empty class 'normal'" in message and str(small_set) in message
     (tmp_path / "folders" / "benign").mkdir(parents=True)
     (tmp_path / "folders" / "malignant").mkdir()
-    shutil.copy(liver_images("benign", 1)[0], tmp_path / "folders" / "benign")
+    shutil.copy(sample_images("benign", 1)[0], tmp_path / "folders" / "benign")
     message = one_line_error(lambda: load_dataset(tmp_path / "folders"))
     assert "empty class 'malignant'" in message and str(tmp_path / "folders" / "malignant") in message
 
@@ -184,7 +181,7 @@ def test_cli_reports_bad_input_in_one_line(small_set: Path, breakage: str) -> No
 
 
 def test_image_formats_load_as_rgb8(tmp_path: Path) -> None:
-    original = Image.open(liver_images("malignant", 1)[0]).convert("RGB")
+    original = Image.open(sample_images("malignant", 1)[0]).convert("RGB")
     rgb = np.asarray(original)
     grey = np.asarray(original.convert("L"))
     assert grey.max() >= 128  # so the 16-bit copy uses the top bit and is read as 16-bit
@@ -237,6 +234,7 @@ def test_ultrasound_dataset_items(small_set: Path) -> None:
         UltrasoundDataset(frame, ["malignant", "other"])
 
 
+@requires_shared_data
 def test_patient_folds_on_liver_sysu_are_stratified_and_seeded() -> None:
     frame = load_dataset(LIVER, verify_images=False)
     folds = patient_folds(frame, n_folds=5, seed=0)
@@ -277,6 +275,7 @@ def test_patient_folds_keep_patients_together_and_leaks_are_caught() -> None:
     assert "fewer than n_folds=40" in one_line_error(lambda: patient_folds(frame, n_folds=40))
 
 
+@requires_shared_data
 def test_save_folds_writes_once(tmp_path: Path) -> None:
     frame = load_dataset(LIVER, verify_images=False)
     folds = patient_folds(frame, n_folds=5, seed=0)
@@ -288,8 +287,8 @@ def test_save_folds_writes_once(tmp_path: Path) -> None:
 
 
 def test_busi_folds_warn_image_level() -> None:
-    with pytest.warns(UserWarning):
-        frame = load_dataset(BUSI, verify_images=False)
+    with pytest.warns(UserWarning, match="no patient_id.*image-level"):
+        frame = load_dataset(SAMPLE, verify_images=False)  # the embedded BUSI sample: no patient ids either
     with pytest.warns(UserWarning, match="image-level"):
         folds = patient_folds(frame, n_folds=5, seed=0)
     check_no_leakage(frame, folds)

@@ -19,9 +19,12 @@ from hsqformer.dicom.convert import ConvertOptions, convert_tree
 from hsqformer.errors import HSQformerError
 
 
-def read_errors(out_dir: Path) -> dict[str, str]:
+def read_errors(out_dir: Path, summary) -> dict[str, str]:
+    """errors.csv by input path: the file names inputs by pseudonym, the summary maps them back."""
     with (out_dir / "errors.csv").open(newline="", encoding="utf-8") as handle:
-        return {row["path"]: row["reason"] for row in csv.DictReader(handle)}
+        by_id = {row["input"]: row["reason"] for row in csv.DictReader(handle)}
+    assert len(by_id) == len(summary.failures)
+    return {source: by_id[input_id] for source, input_id, _ in summary.failures}
 
 
 @pytest.fixture()
@@ -54,7 +57,7 @@ def test_each_bad_input_is_listed_with_its_reason_and_good_files_convert(mixed_d
     before = {p: p.read_bytes() for p in mixed_dir.rglob("*") if p.is_file()}
     out = tmp_path / "out"
     summary = convert_tree(mixed_dir, out, ConvertOptions(salt="s", detect_text=False), workers=1, progress=False)
-    errors = read_errors(out)
+    errors = read_errors(out, summary)
     assert summary.converted == 2 and summary.failed == 7 and summary.skipped == 1
     assert errors["bad/notes.txt"] == "not a DICOM file"
     assert errors["bad/random.dcm"] == "not a DICOM file"
@@ -67,6 +70,7 @@ def test_each_bad_input_is_listed_with_its_reason_and_good_files_convert(mixed_d
     # No header value leaks through a reason, and the originals are untouched.
     text = (out / "errors.csv").read_text()
     assert all(value not in text for value in Patient().header_values())
+    assert all(name not in text for name in ("notes", "random", "truncated", "corrupt_jpeg", "bad/"))  # nor file names
     assert {p: p.read_bytes() for p in mixed_dir.rglob("*") if p.is_file()} == before
 
 
@@ -94,7 +98,7 @@ def test_existing_outputs_are_not_overwritten_without_overwrite(tmp_path) -> Non
     for name in ("manifest.csv", "report.csv", "errors.csv"):
         (out / name).unlink()
     summary = convert_tree(in_dir, out, options, workers=1, progress=False)
-    assert summary.failed == 1 and "already exists" in read_errors(out)["x.dcm"]
+    assert summary.failed == 1 and "already exists" in read_errors(out, summary)["x.dcm"]
     assert png.read_bytes() == b"user's own file"
     summary = convert_tree(in_dir, out, ConvertOptions(salt="s", detect_text=False, overwrite=True), workers=1, progress=False)
     assert summary.failed == 0 and png.read_bytes().startswith(b"\x89PNG")

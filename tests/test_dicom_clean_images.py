@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from dicom_fixtures import liver_pngs, read_png
+from shared_data import requires_shared_data
 
 from hsqformer.dicom.text_masking import RapidOCRDetector, TextCandidate, TextRules, confirmed_text_boxes
 
@@ -19,6 +20,7 @@ def detector() -> RapidOCRDetector:
     return RapidOCRDetector(threads=1)
 
 
+@requires_shared_data
 def test_masked_fraction_on_clean_liver_images_is_near_zero(detector) -> None:
     pngs = liver_pngs()
     subset = pngs[:: len(pngs) // SUBSET][:SUBSET]

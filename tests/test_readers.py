@@ -24,7 +24,8 @@ from hsqformer.evaluation import statistics as st
 from hsqformer.evaluation.compare import load_run
 from hsqformer.evaluation.readers import load_reads, or_mrmc, specificity_threshold
 from run_fixtures import write_run
-from test_cli_cv import DATA, run_cli, snapshot
+from shared_data import DATA, requires_shared_data
+from test_cli_cv import run_cli, snapshot
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -501,7 +502,7 @@ def test_an_existing_out_is_replaced_only_with_overwrite_and_only_if_it_is_a_rea
 # --------------------------------------------------------------------------- the README's worked example
 
 
-@pytest.mark.skipif(not (DATA / "liver-sysu").is_dir(), reason="needs ../shared/data/liver-sysu (real data)")
+@requires_shared_data
 def test_the_shipped_example_reads_match_the_smoke_run(tmp_path):
     """examples/reads_example.csv names the 40 images of the README's smoke run (configs/smoke.yaml) by their path
     relative to liver-sysu; here a synthetic run with those images stands in for the trained one."""

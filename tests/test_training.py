@@ -13,17 +13,17 @@ import torch
 import torch.nn.functional as F
 
 from hsqformer.checkpoint import load_checkpoint, read_meta, save_checkpoint
-from hsqformer.data import load_dataset, load_image
+from hsqformer.data import load_image
 from hsqformer.errors import HSQformerError
 from hsqformer.training.config import Config, config_to_dict, load_config
 from hsqformer.training.files import atomic_path, write_json
 from hsqformer.training.modeling import build_model
 from hsqformer.training.module import ClassifierModule, ExportBest
 from hsqformer.training.transforms import build_mixup, eval_transform, preprocess_config, train_transform
+from shared_data import SAMPLE
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 TINY_OVERRIDES = [
     "model.name=hsqformer_small",
@@ -129,9 +129,9 @@ def test_broken_yaml_and_extends_loops_name_the_file(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
-def _liver_image():
-    frame = load_dataset(DATA / "liver-sysu", verify_images=False)
-    return load_image(frame["path"].iloc[0])
+def _ultrasound_image():
+    """An image of the embedded BUSI sample (128x128 grey, decoded to RGB)."""
+    return load_image(sorted(SAMPLE.glob("*/*.png"))[0])
 
 
 def test_timm_transforms_follow_the_config():
@@ -143,7 +143,7 @@ def test_timm_transforms_follow_the_config():
     names = [type(t).__name__ for t in train.transforms]
     assert names[0] == "RandomResizedCropAndInterpolation" and "RandomErasing" in names
     assert any("AutoAugment" in n for n in names)
-    image = _liver_image()
+    image = _ultrasound_image()
     assert train(image).shape == (3, 64, 64)
     evaluate = eval_transform(pre)
     first, second = evaluate(image), evaluate(image)

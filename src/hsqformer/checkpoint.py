@@ -27,7 +27,7 @@ FORMAT = "hsqformer-checkpoint/1"
 
 def create_model(name: str, num_classes: int, kwargs: dict[str, Any] | None = None) -> nn.Module:
     """``timm.create_model`` with HSQformer registered, reporting a bad name or kwarg as one line."""
-    import hsqformer  # noqa: F401  (registers the HSQformer variants with timm)
+    import hsqformer.models  # noqa: F401  (registers the HSQformer variants with timm)
 
     kwargs = dict(kwargs or {})
     try:

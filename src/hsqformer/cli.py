@@ -13,13 +13,16 @@ import sys
 import typer
 
 from hsqformer.errors import HSQformerError
+from hsqformer.interrupts import Interrupted, exit_on_signals, interruption_behind
 
 COMMAND_MODULES: tuple[str, ...] = (
-    "hsqformer.models.cli",
+    "hsqformer.info_cli",
     "hsqformer.training.cli",
     "hsqformer.dicom.cli",
     "hsqformer.data.cli",
     "hsqformer.evaluation.cli",
+    "hsqformer.evaluation.readers_cli",
+    "hsqformer.demo_cli",
 )
 
 
@@ -40,7 +43,33 @@ def build_app() -> typer.Typer:
 def main() -> None:
     """Entry point: run the CLI, turning user-facing errors into one line."""
     try:
-        build_app()()
+        with exit_on_signals():
+            build_app()()
     except HSQformerError as err:
-        typer.echo(f"error: {err}", err=True)
+        typer.echo(f"error: {_one_line(err)}", err=True)
         sys.exit(2)
+    except Interrupted as err:
+        _interrupted(err)
+    except Exception as err:
+        # a signal sent to the whole process group also ends the data-loader workers, whose death
+        # then surfaces as an error while the main process is already handling the interruption
+        cause = interruption_behind(err)
+        if cause is None:
+            raise
+        _interrupted(cause)
+
+
+def _interrupted(err: Interrupted) -> None:
+    typer.echo(f"interrupted by {err.name}" + (f"; {err.hint}" if err.hint else ""), err=True)
+    sys.exit(err.exit_code)
+
+
+def _one_line(err: HSQformerError) -> str:
+    """The message of ``err``; one raised in a data-loader worker arrives wrapped in the worker's
+    traceback, whose last line is the original message."""
+    message = str(err).strip()
+    if "Original Traceback" in message:
+        message = message.splitlines()[-1]
+        for prefix in (f"{HSQformerError.__module__}.{HSQformerError.__name__}: ", f"{HSQformerError.__name__}: "):
+            message = message.removeprefix(prefix)
+    return " ".join(message.split())

@@ -10,7 +10,6 @@ from typing import Annotated
 
 import typer
 
-from hsqformer.data.manifest import one_line
 from hsqformer.errors import HSQformerError
 
 
@@ -26,10 +25,20 @@ def register(app: typer.Typer) -> None:
         positive_class: Annotated[str | None, typer.Option(help="Positive class of a binary AUC.")] = None,
         out: Annotated[Path | None, typer.Option(help="Also write the Markdown report here.")] = None,
         json_path: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON here.")] = None,
+        overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing --out / --json files.")] = False,
     ) -> None:
         """Audit datasets: counts per class and center, exact duplicate images, patient ids
         shared across sets, and the shortcut floor (AUC from image size and grey histogram alone)."""
         from hsqformer.evaluation.audit import run_audit
+
+        targets = [(flag, path) for flag, path in (("--out", out), ("--json", json_path)) if path is not None]
+        if out is not None and json_path is not None and out.resolve() == json_path.resolve():
+            raise HSQformerError(f"--out and --json name the same file {out}")
+        for flag, path in targets:  # before the audit's minutes of work, not after
+            if path.is_dir():
+                raise HSQformerError(f"{flag} {path} is a folder; give a file name")
+            if path.exists() and not overwrite:
+                raise HSQformerError(f"{flag} {path} already exists; pass --overwrite to replace it")
 
         class_list = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
         with warnings.catch_warnings(record=True) as caught:
@@ -53,4 +62,6 @@ def _write_text(path: Path, text: str) -> None:
         partial.write_text(text, encoding="utf-8")
         os.replace(partial, path)
     except OSError as err:
+        from hsqformer.data.manifest import one_line
+
         raise HSQformerError(f"cannot write report {path}: {one_line(err)}") from None

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from hsqformer.data.images import load_image
+from hsqformer.data.manifest import row_origins
 from hsqformer.errors import HSQformerError
 
 
@@ -33,6 +34,7 @@ class UltrasoundDataset(torch.utils.data.Dataset):
                 f"unknown label '{unknown[0]}' in dataset; expected one of {', '.join(class_names)}"
             )
         self.paths: list[str] = frame["path"].tolist()
+        self.where: list[str] = row_origins(frame)  # a file that changes after the check is reported by its row
         self.targets = np.array([index[label] for label in frame["label"]], dtype=np.int64)
         self.class_names = list(class_names)
         self.transform = transform
@@ -41,7 +43,7 @@ class UltrasoundDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor | Image.Image, int]:
-        image = load_image(self.paths[i])
+        image = load_image(self.paths[i], self.where[i])
         if self.transform is not None:
             image = self.transform(image)
         return image, int(self.targets[i])

@@ -20,17 +20,26 @@ from hsqformer.errors import HSQformerError
 _ALPHA_MODES = {"RGBA": "RGB", "LA": "L", "PA": "RGB", "La": "L", "RGBa": "RGB"}
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image file as 8-bit RGB; raise ``HSQformerError`` naming the file if it cannot."""
+def load_image(path: str | Path, where: str | None = None) -> Image.Image:
+    """Open an image file as 8-bit RGB (decoding all of it); raise ``HSQformerError`` naming the file if it cannot.
+
+    ``where`` (e.g. "row 6 of /data/x/data.csv") is added to the message.
+    """
+    at = f" ({where})" if where else ""
     try:
         with Image.open(path) as image:
             image.load()
             image = ImageOps.exif_transpose(image)
-            return to_rgb8(image)
+            image = to_rgb8(image)
     except FileNotFoundError:
-        raise HSQformerError(f"image not found: {path}") from None
+        raise HSQformerError(f"image not found: {path}{at}") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise HSQformerError(f"unreadable image {path}: {one_line(err)}") from None
+        raise HSQformerError(f"unreadable image {path}{at}: {one_line(err)}") from None
+    except Exception as err:  # a malformed file can trip any decoder error; it is still just an unreadable image
+        raise HSQformerError(f"unreadable image {path}{at}: {type(err).__name__}: {one_line(err)}") from None
+    if image.width < 1 or image.height < 1:
+        raise HSQformerError(f"unreadable image {path}{at}: size {image.width}x{image.height}")
+    return image
 
 
 def to_rgb8(image: Image.Image) -> Image.Image:

@@ -52,9 +52,13 @@ def register(app: typer.Typer) -> None:
             center=center,
         )
         summary = convert_tree(in_dir, out_dir, options, workers=workers, key_file=key_file)
+        # Input paths go to the terminal only: errors.csv in OUT_DIR names inputs by pseudonym.
+        for source, input_id, reason in summary.failures:
+            typer.echo(f"failed: {source} [{input_id}]: {reason}", err=True)
+        duplicates = f" ({summary.duplicates} of them duplicates)" if summary.duplicates else ""
         typer.echo(
             f"{summary.files} files: {summary.converted} converted into {summary.images} PNGs "
-            f"({summary.masked_regions} text regions masked), {summary.failed} failed, {summary.skipped} skipped"
+            f"({summary.masked_regions} text regions masked), {summary.failed} failed{duplicates}, {summary.skipped} skipped"
             + (f"; see {out_dir / 'errors.csv'}" if summary.failed else "")
         )
         if summary.failed:

@@ -6,8 +6,17 @@ Layout of OUT_DIR:
   dataset format of the training pipeline;
 - ``report.csv``: per image, its size, bit depth, whether it was cropped and how many
   text regions (and what fraction of pixels) were masked;
-- ``errors.csv``: ``path,reason`` for every input that failed (relative input path).
-The optional key file (outside OUT_DIR) maps pseudonyms back to inputs and holds the salt.
+- ``errors.csv``: ``input,reason`` for every input that failed, the input named by a
+  pseudonym (input file names can carry patient names); the CLI prints each failed
+  input's path on stderr, and the key file maps the pseudonyms back.
+The optional key file (outside OUT_DIR, readable by its owner only) maps pseudonyms back
+to inputs and holds the salt.
+
+Two inputs with the same SOP Instance UID (duplicates, re-exports) would write the same
+PNG: the inputs' UIDs are read before any conversion, and the inputs of one UID go to
+one worker together, which converts the first of them (in path order) that converts
+and lists the later ones in errors.csv as its duplicates. The manifest lists exactly
+the PNGs that this run wrote.
 """
 
 from __future__ import annotations
@@ -16,10 +25,12 @@ import csv
 import json
 import logging
 import os
+import signal
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
+from multiprocessing import current_process as mp_current_process
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -28,7 +39,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from tqdm import tqdm
 
-from hsqformer.dicom.deidentify import header_text_values, image_stem, patient_pseudonym, redact
+from hsqformer.dicom.deidentify import header_text_values, image_stem, patient_pseudonym, pseudonym, redact
 from hsqformer.dicom.pixels import decode_frame, frame_count, parse_frame_list, select_frames, ultrasound_region_box
 from hsqformer.dicom.reader import NotAnImage, Rejected, read_dicom
 from hsqformer.dicom.text_masking import TextDetector, TextRules, black_out, confirmed_text_boxes
@@ -36,7 +47,7 @@ from hsqformer.errors import HSQformerError
 
 MANIFEST_COLUMNS = ("path", "label", "patient_id", "center")
 REPORT_COLUMNS = ("path", "frame", "height", "width", "bit_depth", "cropped", "masked_regions", "masked_fraction")
-ERROR_COLUMNS = ("path", "reason")
+ERROR_COLUMNS = ("input", "reason")
 IMAGE_DIR = "images"
 
 
@@ -83,17 +94,19 @@ class ImageRecord(FrameRecord):
 
 @dataclass
 class FileResult:
-    """The outcome for one input file."""
+    """The outcome for one input file; ``source`` is its path relative to IN_DIR, ``input_id`` its pseudonym."""
 
     source: str
     images: list[ImageRecord] = field(default_factory=list)
     error: str = ""
     skipped: bool = False
+    input_id: str = ""
+    duplicate_of: str = ""  # the source of the first input with the same SOP Instance UID
 
 
 @dataclass
 class Summary:
-    """Totals of a run, for the CLI's closing line."""
+    """Totals of a run, for the CLI's closing line; ``failures`` lists (source, input id, reason)."""
 
     files: int
     converted: int
@@ -101,6 +114,8 @@ class Summary:
     masked_regions: int
     failed: int
     skipped: int
+    duplicates: int = 0
+    failures: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 _detector: TextDetector | None = None
@@ -109,6 +124,8 @@ _detector: TextDetector | None = None
 def _init_worker(detect_text: bool) -> None:
     """Per-process set-up: silence pydicom's log (it quotes header values) and load the detector once."""
     global _detector
+    if mp_current_process().name != "MainProcess":
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every worker; the parent stops the batch
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)
     cv2.setNumThreads(1)
     if detect_text and _detector is None:
@@ -120,12 +137,13 @@ def _init_worker(detect_text: bool) -> None:
 def convert_file(path: Path, source: str, out_dir: Path, options: ConvertOptions, detector: TextDetector | None) -> FileResult:
     """Convert one input file; never raises for bad input (the reason goes to ``error``)."""
     result = FileResult(source=source)
-    values: set[str] = set()
+    # File paths can carry patient names: an exception that quotes one must not carry it into errors.csv.
+    values: set[str] = {str(path), path.as_posix(), str(path.absolute())} | ({source} if "/" in source else set())
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = read_dicom(path)
-            values = header_text_values(ds)
+            values |= header_text_values(ds)
             result.images = _convert_dataset(ds, path, source, out_dir, options, detector)
     except NotAnImage:
         result.skipped = True
@@ -187,7 +205,7 @@ def _convert_frame(ds: Dataset, index: int, target: Path, options: ConvertOption
         image = np.ascontiguousarray(image[y0:y1, x0:x1])
     boxes = confirmed_text_boxes(image, detector, options.rules) if detector is not None else []
     masked_pixels = black_out(image, boxes)
-    _write_png(image, target, options.png_compression)
+    _write_png(image, target, options.png_compression, options.overwrite)
     return FrameRecord(
         path=f"{IMAGE_DIR}/{target.name}",
         frame=index,
@@ -200,8 +218,12 @@ def _convert_frame(ds: Dataset, index: int, target: Path, options: ConvertOption
     )
 
 
-def _write_png(image: np.ndarray, target: Path, compression: int) -> None:
-    """Write via a temporary file and rename, so a failure never leaves a partial PNG."""
+def _write_png(image: np.ndarray, target: Path, compression: int, overwrite: bool = False) -> None:
+    """Write via a temporary file and rename, so a failure never leaves a partial PNG.
+
+    Without ``overwrite`` the PNG is linked into place, which fails if the name exists:
+    creating it is atomic, with no window between a check and the write.
+    """
     if image.ndim == 3:
         image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
     ok, encoded = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, compression])
@@ -209,11 +231,63 @@ def _write_png(image: np.ndarray, target: Path, compression: int) -> None:
         raise Rejected("PNG encoding failed")
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     tmp.write_bytes(encoded.tobytes())
-    os.replace(tmp, target)
+    try:
+        if overwrite:
+            os.replace(tmp, target)
+            return
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            raise Rejected(f"output {IMAGE_DIR}/{target.name} already exists (use --overwrite to replace it)") from None
+        except OSError:  # a file system without hard links: the check before the write has to do
+            if target.exists():
+                raise Rejected(f"output {IMAGE_DIR}/{target.name} already exists (use --overwrite to replace it)") from None
+            os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def _worker_convert(path: str, source: str, out_dir: str, options: ConvertOptions) -> FileResult:
-    return convert_file(Path(path), source, Path(out_dir), options, _detector if options.detect_text else None)
+def _worker_convert(group: list[tuple[str, str]], out_dir: str, options: ConvertOptions) -> list[FileResult]:
+    """Convert the inputs of one SOP Instance UID (usually one): the first that converts, the others are its duplicates."""
+    detector = _detector if options.detect_text else None
+    results: list[FileResult] = []
+    converted = ""
+    for path, source in group:
+        if converted:
+            results.append(FileResult(source=source, duplicate_of=converted))
+            continue
+        result = convert_file(Path(path), source, Path(out_dir), options, detector)
+        if result.images:
+            converted = source
+        results.append(result)
+    return results
+
+
+def input_id(salt: str, source: str) -> str:
+    """The pseudonym of an input file (its path relative to IN_DIR) in errors.csv."""
+    return "input-" + pseudonym(salt, "input", source, length=12)
+
+
+def instance_key(path: Path, source: str) -> str:
+    """What decides a file's output names: its SOP Instance UID (header only is read), else its path."""
+    import pydicom
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=["SOPInstanceUID"])
+        uid = str(ds.get("SOPInstanceUID") or "").strip()
+    except Exception:  # not DICOM or damaged: the conversion itself reports why
+        uid = ""
+    return f"uid:{uid}" if uid else f"path:{source}"
+
+
+def group_by_instance(inputs: list[Path], sources: list[str]) -> list[list[tuple[Path, str]]]:
+    """The inputs grouped by SOP Instance UID (in path order; a file without one is a group of its own)."""
+    groups: dict[str, list[tuple[Path, str]]] = {}
+    for path, source in zip(inputs, sources):
+        groups.setdefault(instance_key(path, source), []).append((path, source))
+    return list(groups.values())
 
 
 def find_inputs(in_dir: Path, out_dir: Path) -> list[Path]:
@@ -244,28 +318,69 @@ def convert_tree(
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     _check_paths(in_dir, out_dir, options, key_file)
     inputs = find_inputs(in_dir, out_dir)
+    if not inputs:
+        raise HSQformerError(f"no input files in {in_dir} (searched recursively; hidden files are skipped)")
+    sources = [p.relative_to(in_dir).as_posix() for p in inputs]
+    groups = group_by_instance(inputs, sources)
+    earlier = _manifest_paths(out_dir / "manifest.csv") if options.overwrite else set()
     (out_dir / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
 
-    results = list(_run(inputs, in_dir, out_dir, options, workers, progress))
+    results = [r for group in _run(groups, out_dir, options, workers, progress, len(inputs)) for r in group]
     results.sort(key=lambda r: r.source)
+    _set_aside_repeated_names(results)
+    ids = {s: input_id(options.salt, s) for s in sources}
+    for r in results:
+        r.input_id = ids[r.source]
+        if r.duplicate_of:
+            r.error = f"duplicate of {ids[r.duplicate_of]} (same SOP Instance UID); not converted again"
     images = [image for r in results for image in r.images]
+    written = {i.path for i in images}
+    for stale in earlier - written:  # --overwrite: PNGs of the replaced manifest that this run did not write
+        (out_dir / stale).unlink(missing_ok=True)
     _write_csv(out_dir / "manifest.csv", MANIFEST_COLUMNS, [asdict(i) for i in images])
     _write_csv(
         out_dir / "report.csv",
         REPORT_COLUMNS,
         [{**asdict(i), "cropped": int(i.cropped), "masked_fraction": f"{i.masked_fraction:.6f}"} for i in images],
     )
-    _write_csv(out_dir / "errors.csv", ERROR_COLUMNS, [{"path": r.source, "reason": r.error} for r in results if r.error])
+    failed = [r for r in results if r.error]
+    _write_csv(out_dir / "errors.csv", ERROR_COLUMNS, [{"input": r.input_id, "reason": r.error} for r in failed])
     if key_file is not None:
-        _write_key_file(key_file, options.salt, images)
+        _write_key_file(key_file, options.salt, images, failed)
     return Summary(
         files=len(results),
         converted=sum(1 for r in results if r.images),
         images=len(images),
         masked_regions=sum(i.masked_regions for i in images),
-        failed=sum(1 for r in results if r.error),
+        failed=len(failed),
         skipped=sum(1 for r in results if r.skipped),
+        duplicates=sum(1 for r in results if r.duplicate_of),
+        failures=[
+            (r.source, r.input_id, r.error + (f" (first: {r.duplicate_of})" if r.duplicate_of else "")) for r in failed
+        ],
     )
+
+
+def _set_aside_repeated_names(results: list[FileResult]) -> None:
+    """Should two files still have given one PNG name (their UIDs read differently in full), the later
+    becomes a duplicate of the earlier: the manifest lists each PNG once."""
+    owner: dict[str, str] = {}
+    for r in results:
+        first = next((owner[i.path] for i in r.images if i.path in owner), None)
+        if first is not None:
+            r.images, r.duplicate_of = [], first
+            continue
+        owner.update((i.path, r.source) for i in r.images)
+
+
+def _manifest_paths(manifest: Path) -> set[str]:
+    """The ``images/<name>.png`` paths listed in an earlier manifest (nothing else is ever deleted)."""
+    try:
+        with manifest.open(newline="", encoding="utf-8") as handle:
+            paths = {row.get("path") or "" for row in csv.DictReader(handle)}
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return set()
+    return {p for p in paths if p.startswith(f"{IMAGE_DIR}/") and "/" not in p[len(IMAGE_DIR) + 1 :] and p.endswith(".png")}
 
 
 def _check_paths(in_dir: Path, out_dir: Path, options: ConvertOptions, key_file: Path | None) -> None:
@@ -275,6 +390,8 @@ def _check_paths(in_dir: Path, out_dir: Path, options: ConvertOptions, key_file:
         raise HSQformerError(f"output {out_dir} exists and is not a folder")
     if in_dir.resolve() == out_dir.resolve():
         raise HSQformerError("OUT_DIR must differ from IN_DIR (originals are never modified)")
+    if in_dir.resolve() in out_dir.resolve().parents:
+        raise HSQformerError(f"OUT_DIR {out_dir} is inside IN_DIR {in_dir}: a later run would read its own outputs")
     for name in ("manifest.csv", "report.csv", "errors.csv"):
         if (out_dir / name).exists() and not options.overwrite:
             raise HSQformerError(f"{out_dir / name} already exists; use --overwrite to replace it")
@@ -291,29 +408,40 @@ def _check_paths(in_dir: Path, out_dir: Path, options: ConvertOptions, key_file:
 
 
 def _run(
-    inputs: list[Path], in_dir: Path, out_dir: Path, options: ConvertOptions, workers: int, progress: bool
-) -> Iterator[FileResult]:
-    def bar() -> tqdm:
-        return tqdm(total=len(inputs), unit="file", desc="dicom2png", disable=not progress)
+    groups: list[list[tuple[Path, str]]],
+    out_dir: Path,
+    options: ConvertOptions,
+    workers: int,
+    progress: bool,
+    n_files: int,
+) -> Iterator[list[FileResult]]:
+    """Convert groups of ``(path, source)`` pairs, in this process or in ``workers`` spawned processes."""
 
+    def bar() -> tqdm:
+        return tqdm(total=n_files, unit="file", desc="dicom2png", disable=not progress)
+
+    tasks = [[(str(p), s) for p, s in group] for group in groups]
     if workers <= 1:
         _init_worker(options.detect_text)
         with bar() as pbar:
-            for path in inputs:
-                yield _worker_convert(str(path), path.relative_to(in_dir).as_posix(), str(out_dir), options)
-                pbar.update()
+            for task in tasks:
+                yield _worker_convert(task, str(out_dir), options)
+                pbar.update(len(task))
         return
     # Spawn, not fork: the parent may hold OpenCV or torch thread locks that would deadlock a forked child.
     with ProcessPoolExecutor(
         max_workers=workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(options.detect_text,)
     ) as pool:
-        futures = [
-            pool.submit(_worker_convert, str(p), p.relative_to(in_dir).as_posix(), str(out_dir), options) for p in inputs
-        ]
-        with bar() as pbar:
-            for future in as_completed(futures):
-                yield future.result()
-                pbar.update()
+        futures = [pool.submit(_worker_convert, task, str(out_dir), options) for task in tasks]
+        try:
+            with bar() as pbar:
+                for future in as_completed(futures):
+                    results = future.result()
+                    yield results
+                    pbar.update(len(results))
+        except BaseException:  # interrupted: do not convert the files still queued
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
 def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
@@ -325,7 +453,8 @@ def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def _write_key_file(path: Path, salt: str, images: list[ImageRecord]) -> None:
+def _write_key_file(path: Path, salt: str, images: list[ImageRecord], failed: list[FileResult]) -> None:
+    """The key (salt, inputs, UIDs, patient ids): created readable by its owner only (0600), atomically."""
     entries = [
         {
             "path": i.path,
@@ -337,7 +466,17 @@ def _write_key_file(path: Path, salt: str, images: list[ImageRecord]) -> None:
         }
         for i in images
     ]
+    errors = [{"input": r.input_id, "source": r.source, "reason": r.error} for r in failed]
+    text = json.dumps({"salt": salt, "images": entries, "failed": errors}, indent=1)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"salt": salt, "images": entries}, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o600)  # whatever the umask
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

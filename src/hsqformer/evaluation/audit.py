@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
 from hsqformer.data.images import load_image
-from hsqformer.data.manifest import MANIFEST_NAME, class_names, load_dataset
+from hsqformer.data.manifest import MANIFEST_NAME, check_label_spelling, class_names, load_dataset, row_origins
 from hsqformer.data.splits import patient_folds
 from hsqformer.errors import HSQformerError
 
@@ -126,9 +128,9 @@ class AuditReport:
             patients = str(s.n_patients)
             if s.missing_patient_ids:
                 patients += f" ({s.missing_patient_ids} images without id)"
-            lines.append(f"| {s.name} | {s.n_images} | {patients} | {', '.join(s.classes)} | {s.source} |")
+            lines.append(_row([s.name, s.n_images, patients, ", ".join(s.classes), s.source]))
         for s in self.sets:
-            lines += ["", f"## {s.name}: images per class and center", ""]
+            lines += ["", f"## {_cell(s.name)}: images per class and center", ""]
             lines += _counts_table(s.counts)
         lines += ["", "## Shortcut floor", "",
                   f"Cross-validated AUC of a random forest ({N_TREES} trees) on image statistics alone. "
@@ -136,10 +138,10 @@ class AuditReport:
                   "| set | features | AUC (mean ± std) | metric | folds |", "|---|---|---|---|---|"]
         for s in self.sets:
             if not s.shortcut:
-                lines.append(f"| {s.name} | - | not computed: {s.shortcut_note} | - | - |")
+                lines.append(_row([s.name, "-", f"not computed: {s.shortcut_note}", "-", "-"]))
             for r in s.shortcut:
                 folds = f"{r.n_folds}, {'patient-level' if r.patient_grouped else 'image-level'}"
-                lines.append(f"| {s.name} | {r.features} | {r} | {r.metric} | {folds} |")
+                lines.append(_row([s.name, r.features, r, r.metric, folds]))
         lines += ["", "## Exact duplicate images", ""]
         if not self.duplicates:
             lines.append("None (no two images have identical decoded pixels).")
@@ -147,16 +149,16 @@ class AuditReport:
             scope = "across sets" if g.across_sets else "within a set"
             conflict = ", **conflicting labels**" if g.conflicting_labels else ""
             lines.append(f"- {scope}{conflict} (sha256 {g.sha256[:12]}):")
-            lines += [f"  - {m['set']}: {m['path']} ({m['label']})" for m in g.members]
+            lines += [f"  - {_cell(m['set'])}: {_cell(m['path'])} ({_cell(m['label'])})" for m in g.members]
         if len(self.sets) > 1:
             lines += ["", "## Patient ids shared across sets", ""]
             if not self.shared_patients:
                 lines.append("None.")
             for sp in self.shared_patients:
                 shown = ", ".join(sp.patient_ids[:20]) + (" ..." if len(sp.patient_ids) > 20 else "")
-                lines.append(f"- {sp.set_a} & {sp.set_b}: {len(sp.patient_ids)} ids: {shown}")
+                lines.append(f"- {_cell(sp.set_a)} & {_cell(sp.set_b)}: {len(sp.patient_ids)} ids: {_cell(shown)}")
         if self.warnings:
-            lines += ["", "## Warnings", ""] + [f"- {w}" for w in self.warnings]
+            lines += ["", "## Warnings", ""] + [f"- {_cell(w)}" for w in self.warnings]
         return "\n".join(lines) + "\n"
 
 
@@ -180,8 +182,10 @@ def run_audit(
         raise HSQformerError("audit needs at least one dataset")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        frames = [s if isinstance(s, pd.DataFrame) else load_dataset(s, classes) for s in sources]
+        # Images are decoded once, for the statistics (a bad one is reported with its row there).
+        frames = [s if isinstance(s, pd.DataFrame) else load_dataset(s, classes, verify_images=False) for s in sources]
         names = _set_names(sources, frames)
+        _check_label_spelling_across(names, frames)
         for name, frame in zip(names, frames):
             labels = class_names(frame, classes)
             if positive_class is not None and positive_class not in labels:
@@ -206,6 +210,17 @@ def run_audit(
     )
 
 
+def _check_label_spelling_across(names: list[str], frames: list[pd.DataFrame]) -> None:
+    """Labels of the sets that differ only by case or spaces ('malignant' / 'Malignant') would be two
+    classes and could change which class is positive; refused, as ``cv`` refuses them in a test cohort."""
+    labels, origins = [], []
+    for name, frame in zip(names, frames):
+        for label in dict.fromkeys(frame["label"]):
+            labels.append(label)
+            origins.append(f"set {name}")
+    check_label_spelling(labels, origins)
+
+
 def _set_names(sources: Sequence[str | Path | pd.DataFrame], frames: list[pd.DataFrame]) -> list[str]:
     """Short, distinct names: the folder (or CSV) name, numbered where two clash."""
     names = []
@@ -219,18 +234,37 @@ def _set_names(sources: Sequence[str | Path | pd.DataFrame], frames: list[pd.Dat
 
 
 def _image_stats(frame: pd.DataFrame, name: str, progress: bool) -> tuple[np.ndarray, list[str]]:
-    """Per image: [width, height, normalised 16-bin grey histogram] and a SHA-256 of its RGB pixels."""
-    features = np.zeros((len(frame), 2 + HISTOGRAM_BINS))
-    hashes = []
-    for i, path in enumerate(tqdm(frame["path"], desc=f"audit {name}", unit="img", disable=not progress)):
-        image = load_image(path)
+    """Per image: [width, height, normalised 16-bin grey histogram] and a SHA-256 of its RGB pixels.
+
+    Images are decoded in parallel threads (Pillow decodes without the GIL); the first image
+    that cannot be read (in row order) stops the audit with its row, before anything is printed.
+    """
+    paths = frame["path"].tolist()
+    where = row_origins(frame)
+
+    def stats(i: int) -> tuple[str, list[float]]:
+        image = load_image(paths[i], where[i])
         width, height = image.size
         digest = hashlib.sha256(f"{width}x{height}".encode())
         digest.update(image.tobytes())
-        hashes.append(digest.hexdigest())
         grey = np.asarray(image.convert("L").histogram(), dtype=np.float64)
         histogram = grey.reshape(HISTOGRAM_BINS, -1).sum(axis=1)
-        features[i] = [width, height, *(histogram / histogram.sum())]
+        return digest.hexdigest(), [width, height, *(histogram / histogram.sum())]
+
+    features = np.zeros((len(frame), 2 + HISTOGRAM_BINS))
+    hashes = []
+    workers = min(8, max(2, os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
+        total=len(paths), desc=f"audit {name}", unit="img", disable=None if progress else True, leave=False
+    ) as bar:
+        try:
+            for i, (digest, row) in enumerate(pool.map(stats, range(len(paths)))):
+                hashes.append(digest)
+                features[i] = row
+                bar.update()
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # do not decode the rest of the set
+            raise
     return features, hashes
 
 
@@ -353,11 +387,20 @@ def _shared_patients(names: list[str], frames: list[pd.DataFrame]) -> list[Share
 
 def _counts_table(counts: dict[str, dict[str, int]]) -> list[str]:
     centers = sorted({c for row in counts.values() for c in row})
-    lines = ["| class | " + " | ".join(centers) + " | total |", "|---" * (len(centers) + 2) + "|"]
+    lines = [_row(["class", *centers, "total"]), "|---" * (len(centers) + 2) + "|"]
     for label, row in counts.items():
-        cells = [str(row.get(c, 0)) for c in centers]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {sum(row.values())} |")
-    totals = [str(sum(row.get(c, 0) for row in counts.values())) for c in centers]
+        lines.append(_row([label, *(row.get(c, 0) for c in centers), sum(row.values())]))
+    totals = [sum(row.get(c, 0) for row in counts.values()) for c in centers]
     grand = sum(sum(row.values()) for row in counts.values())
-    lines.append("| total | " + " | ".join(totals) + f" | {grand} |")
+    lines.append(_row(["total", *totals, grand]))
     return lines
+
+
+def _cell(value: object) -> str:
+    """Text that cannot break a Markdown table or list: '|' escaped, line breaks shown as '\\n'."""
+    text = str(value).replace("\\", "\\\\").replace("|", "\\|")
+    return text.replace("\r\n", "\\n").replace("\n", "\\n").replace("\r", "\\n")
+
+
+def _row(cells: Sequence[object]) -> str:
+    return "| " + " | ".join(_cell(c) for c in cells) + " |"

@@ -37,7 +37,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Patient-level K-fold cross-validation: train each fold, keep its best-AUC model, evaluate all cohorts."""
         from hsqformer.training.config import config_from_dict, config_to_dict, load_config
-        from hsqformer.training.engine import parse_tests, resume_request, run_cv
+        from hsqformer.interrupts import Interrupted, interruption_behind
+        from hsqformer.training.engine import RUN_FILE, parse_tests, resume_request, run_cv
 
         tests = parse_tests(test or [])
         if resume:
@@ -52,7 +53,19 @@ def register(app: typer.Typer) -> None:
             if config is None or data is None:
                 raise HSQformerError("cv needs --config and --data (or --resume with an existing --out)")
             cfg = load_config(config, set_ or [])
-        run_cv(cfg, data, tests, out, overwrite=overwrite, resume=resume, command=shlex.join(sys.argv))
+        try:  # hsqformer.cli.main turns SIGTERM / Ctrl-C into Interrupted (exit status 143 / 130)
+            run_cv(cfg, data, tests, out, overwrite=overwrite, resume=resume, command=shlex.join(sys.argv))
+        except (Interrupted, Exception) as err:
+            interruption = interruption_behind(err)
+            if interruption is None:
+                raise
+            if (out / RUN_FILE).is_file():
+                interruption.hint = (
+                    f"finished folds are kept; continue with: hsqformer cv --out {shlex.quote(str(out))} --resume"
+                )
+            else:
+                interruption.hint = f"no run was started in {out}"
+            raise interruption from None
 
     @app.command("predict")
     def predict(
@@ -62,6 +75,11 @@ def register(app: typer.Typer) -> None:
         batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
         num_workers: Annotated[int, typer.Option("--num-workers", min=0)] = 0,
         overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
+        skip_bad: Annotated[
+            bool,
+            typer.Option("--skip-bad", help="Predict the readable images; list unreadable ones with the reason "
+                         "in a 'skipped' column instead of stopping."),
+        ] = False,
     ) -> None:
         """Ensemble inference with the fold models of a cv run: one row per image."""
         from hsqformer.training.files import write_csv
@@ -69,6 +87,9 @@ def register(app: typer.Typer) -> None:
 
         if out.exists() and not overwrite:
             raise HSQformerError(f"{out} already exists; pass --overwrite to replace it")
-        table = predict_run(run, inputs, batch_size=batch_size, num_workers=num_workers)
+        table = predict_run(run, inputs, batch_size=batch_size, num_workers=num_workers, skip_bad=skip_bad)
         write_csv(out, table)
-        typer.echo(f"wrote {len(table)} predictions to {out}", err=True)
+        skipped = int((table["skipped"] != "").sum()) if "skipped" in table else 0
+        typer.echo(f"wrote {len(table) - skipped} predictions to {out}", err=True)
+        if skipped:
+            typer.echo(f"skipped {skipped} unreadable images: listed in {out} with the reason in column 'skipped'", err=True)

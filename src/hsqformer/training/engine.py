@@ -18,6 +18,7 @@ import logging
 import os
 import platform
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -34,6 +35,7 @@ import yaml
 
 from hsqformer.data import (
     UltrasoundDataset,
+    check_images,
     check_no_leakage,
     class_names,
     folds_table,
@@ -41,6 +43,7 @@ from hsqformer.data import (
     patient_folds,
     save_folds,
 )
+from hsqformer.data.manifest import row_origins
 from hsqformer.errors import HSQformerError
 from hsqformer.evaluation.metrics import classification_metrics, summarize
 from hsqformer.evaluation.report import run_table
@@ -92,15 +95,16 @@ def prepare_inputs(cfg: Config, data: str | Path, tests: Mapping[str, str | Path
     """Load and check the data, the test cohorts and the folds; build the model once to check its settings."""
     from hsqformer.training.modeling import build_model
 
-    frame = load_dataset(data, cfg.data.classes, verify_images=cfg.data.verify_images)
+    frame = load_dataset(data, cfg.data.classes, verify_images=False)
     classes = class_names(frame, cfg.data.classes)
     if len(classes) < 2:
         raise HSQformerError(f"{data}: needs at least two classes, found {', '.join(classes)}")
     frame = _subset(frame, cfg.data.max_images, cfg.cv.seed)
     positive_index = _positive_index(cfg, classes)
-    test_frames = {
-        name: load_dataset(source, classes, verify_images=cfg.data.verify_images) for name, source in tests.items()
-    }
+    test_frames = {name: load_dataset(source, classes, verify_images=False) for name, source in tests.items()}
+    if cfg.data.verify_images:  # decode every image used, test cohorts included, before anything is written
+        for part in (frame, *test_frames.values()):
+            check_images(part)
     folds = patient_folds(frame, cfg.cv.n_folds, cfg.cv.seed)
     check_no_leakage(frame, folds)
     build_model(cfg, len(classes))
@@ -149,6 +153,8 @@ def run_cv(
         _check_same_run(out, inputs)
     elif _is_rank_zero():
         if out.exists():
+            if any(out.iterdir()):
+                _check_only_ours(out)  # again: files may have appeared while the images were checked
             shutil.rmtree(out)  # _check_run_dir allowed this: an empty folder or a run folder with --overwrite
         _start_run_dir(out, inputs, command)
     _barrier()
@@ -158,9 +164,18 @@ def run_cv(
             _say(f"fold {k}: done earlier, skipped")
             continue
         fold_started = time.perf_counter()
-        info = train_fold(k, inputs, fold_dir, train_rows, val_rows, precision.precision)
+        try:
+            info = train_fold(k, inputs, fold_dir, train_rows, val_rows, precision.precision)
+            if _is_rank_zero():
+                _evaluate_fold(k, inputs, fold_dir, val_rows)
+        except HSQformerError as err:  # e.g. an image spoilt after the check: earlier folds stay done
+            if "--resume" in str(err) or "run the same command again" in str(err):
+                raise
+            raise HSQformerError(
+                f"{err}; folds before fold {k} are kept: fix that, then continue with: "
+                f"hsqformer cv --out {shlex.quote(str(out))} --resume"
+            ) from None
         if _is_rank_zero():
-            _evaluate_fold(k, inputs, fold_dir, val_rows)
             info["wall_seconds"] = round(time.perf_counter() - fold_started, 1)
             write_json(fold_dir / DONE_FILE, info)
             shutil.rmtree(fold_dir / "lightning", ignore_errors=True)
@@ -264,6 +279,8 @@ def train_fold(
         ],
     )
     module = ClassifierModule(model, cfg, len(inputs.classes), inputs.positive_index)
+    if resume_from is not None:
+        check_resume_checkpoint(resume_from, module.state_dict(), k)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
@@ -280,6 +297,40 @@ def train_fold(
         "epochs": cfg.trainer.epochs,
         "precision": precision,
     }
+
+
+def check_resume_checkpoint(path: Path, expected: Mapping[str, Any], k: int) -> None:
+    """Refuse, in one line, a ``last.ckpt`` that cannot resume fold ``k``: unreadable, cut short, holding
+    objects beyond tensors and plain data, or a checkpoint of something else (``expected``: the
+    module's state dict). torch's own message is not passed on: it suggests ``weights_only=False``,
+    which would run whatever code the file holds."""
+    import pickle
+
+    import torch
+
+    def refuse(why: str) -> HSQformerError:
+        return HSQformerError(
+            f"fold {k}: cannot resume from {path}: {why}; delete that file to restart fold {k} "
+            "from its first epoch, then run the same command again"
+        )
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "global" in str(err):  # torch names the class it refused to import
+            raise refuse("unreadable checkpoint (it holds objects other than tensors and plain data)") from None
+        raise refuse("unreadable checkpoint (damaged, cut short or not a PyTorch file)") from None
+    except Exception as err:  # torch raises RuntimeError, EOFError, ValueError ... for damaged files
+        raise refuse(f"unreadable checkpoint (damaged, cut short or not a PyTorch file: {type(err).__name__})") from None
+    required = ("state_dict", "epoch", "global_step", "loops", "optimizer_states")
+    if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in required):
+        raise refuse("not a Lightning checkpoint of an hsqformer cv run")
+    saved = checkpoint["state_dict"]
+    if not isinstance(saved, Mapping) or set(saved) != set(expected):
+        raise refuse("a checkpoint of another model (its weights have other names)")
+    for name, tensor in expected.items():
+        if tuple(getattr(saved[name], "shape", ())) != tuple(getattr(tensor, "shape", ())):
+            raise refuse(f"a checkpoint of another model ('{name}' has another shape)")
 
 
 def _no_advertising(record: logging.LogRecord) -> bool:
@@ -305,6 +356,7 @@ def _evaluate_fold(k: int, inputs: CVInputs, fold_dir: Path, val_rows: np.ndarra
             batch_size=inputs.cfg.trainer.eval_batch_size,
             num_workers=inputs.cfg.data.num_workers,
             desc=f"fold {k} {name}",
+            where=row_origins(part),
         )[0]
         table = _prediction_table(name, part, probs, inputs.classes)
         tables.append(table)
@@ -426,7 +478,11 @@ def _subset(frame: pd.DataFrame, max_images: int | None, seed: int) -> pd.DataFr
         )
     except ValueError as err:
         raise HSQformerError(f"data.max_images={max_images}: {err}") from None
-    return frame.iloc[np.sort(keep)].reset_index(drop=True)
+    keep = np.sort(keep)
+    subset = frame.iloc[keep].reset_index(drop=True)
+    if "where" in frame.attrs:
+        subset.attrs["where"] = [frame.attrs["where"][i] for i in keep]
+    return subset
 
 
 def _positive_index(cfg: Config, classes: list[str]) -> int:
@@ -470,6 +526,56 @@ def _check_run_dir(out: Path, *, overwrite: bool, resume: bool) -> None:
             )
         if not is_run:
             raise HSQformerError(f"--overwrite: {out} is not an hsqformer cv run folder (no {RUN_FILE}); not deleting it")
+        _check_only_ours(out)
+
+
+def _check_only_ours(out: Path) -> None:
+    """Refuse (one line) unless ``out`` is one of our run folders and holds nothing else."""
+    try:
+        _read_run(out)  # a run.json of another program (or an unreadable one) does not make a folder ours
+    except HSQformerError as err:
+        raise HSQformerError(f"--overwrite: {err}; not deleting {out}") from None
+    foreign = _foreign_entry(out)
+    if foreign is not None:
+        raise HSQformerError(
+            f"--overwrite: {foreign} is not something hsqformer cv writes; not deleting {out} "
+            "(move it away or choose another --out)"
+        )
+
+
+#: What a run folder holds (see README "The run folder"); ``--overwrite`` deletes nothing else.
+_RUN_TOP_FILES = frozenset(
+    {RUN_FILE, CONFIG_FILE, SPLITS_FILE, "versions.json", "metrics.json", "table.md", "predictions.csv"}
+)
+_RUN_FOLD_FILES = frozenset({"model.safetensors", "model.json", DONE_FILE, "predictions.csv", "metrics.json"})
+_RUN_FOLD_DIRS = frozenset({"logs", "lightning"})  # Lightning's CSV log and last.ckpt
+_FOLD_DIR = re.compile(r"^fold_[0-9]+$")
+
+
+def _is_temporary(name: str) -> bool:
+    """A temporary file of an atomic write that a killed run left behind."""
+    return (name.startswith(".") and name.endswith(".tmp")) or name.endswith(".partial")
+
+
+def _foreign_entry(out: Path) -> Path | None:
+    """The first file or folder in ``out`` that a cv run does not write (symbolic links included), or None."""
+    for entry in sorted(out.iterdir()):
+        if entry.is_symlink():
+            return entry
+        if entry.is_dir() and _FOLD_DIR.match(entry.name):
+            for inner in sorted(entry.iterdir()):
+                if inner.is_symlink():
+                    return inner
+                if inner.is_dir() and inner.name in _RUN_FOLD_DIRS:
+                    for root, dirs, files in os.walk(inner):
+                        for name in sorted(dirs + files):
+                            if Path(root, name).is_symlink():
+                                return Path(root, name)
+                elif not (inner.is_file() and (inner.name in _RUN_FOLD_FILES or _is_temporary(inner.name))):
+                    return inner
+        elif not (entry.is_file() and (entry.name in _RUN_TOP_FILES or _is_temporary(entry.name))):
+            return entry
+    return None
 
 
 def _read_run(out: Path) -> dict[str, Any]:
@@ -489,8 +595,13 @@ def _check_same_run(out: Path, inputs: CVInputs) -> None:
         raise HSQformerError(f"--resume: classes differ from those in {out / RUN_FILE}")
     saved = pd.read_csv(out / SPLITS_FILE, dtype={"path": str}, keep_default_na=False)
     now = folds_table(inputs.frame, inputs.folds)
-    if saved["path"].tolist() != now["path"].tolist() or saved["fold"].tolist() != now["fold"].tolist():
+    # run.json holds the resolved data path, splits.csv the paths as first given (maybe through a
+    # symlink): compare the files themselves.
+    same_files = [os.path.realpath(p) for p in saved["path"]] == [os.path.realpath(p) for p in now["path"]]
+    if not same_files or saved["fold"].tolist() != now["fold"].tolist():
         raise HSQformerError(f"--resume: the data's folds differ from {out / SPLITS_FILE}")
+    if all(os.path.isfile(p) for p in saved["path"]):
+        inputs.frame["path"] = saved["path"].tolist()  # every fold's predictions name the images alike
 
 
 def _start_run_dir(out: Path, inputs: CVInputs, command: str | None) -> None:

@@ -9,27 +9,33 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from hsqformer.data.images import load_image
-from hsqformer.data.manifest import IMAGE_SUFFIXES
+from hsqformer.data.manifest import IMAGE_SUFFIXES, find_unreadable
 from hsqformer.errors import HSQformerError
 
 
 class ImageFiles(Dataset):
     """Transformed images of a list of files."""
 
-    def __init__(self, paths: Sequence[str | Path], transform: Callable[[Image.Image], torch.Tensor]) -> None:
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        transform: Callable[[Image.Image], torch.Tensor],
+        where: Sequence[str] | None = None,
+    ) -> None:
         self.paths = [str(p) for p in paths]
         self.transform = transform
+        self.where = list(where) if where is not None else [""] * len(self.paths)  # e.g. "row 3 of data.csv"
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return self.transform(load_image(self.paths[i]))
+        return self.transform(load_image(self.paths[i], self.where[i]))
 
 
 def default_device() -> torch.device:
@@ -47,16 +53,18 @@ def predict_probabilities(
     num_workers: int = 0,
     device: torch.device | None = None,
     desc: str = "predict",
+    where: Sequence[str] | None = None,
 ) -> np.ndarray:
     """Softmax probabilities of each model for each image: an array (models, images, classes).
 
-    Every image is decoded once and passed through all models (float32, eval mode).
+    Every image is decoded once and passed through all models (float32, eval mode);
+    ``where`` (per image, e.g. "row 3 of data.csv") goes into the message of one that fails.
     """
     device = device or default_device()
     for model in models:
         model.eval().to(device)
     loader = DataLoader(
-        ImageFiles(paths, transform), batch_size=batch_size, shuffle=False, num_workers=num_workers
+        ImageFiles(paths, transform, where), batch_size=batch_size, shuffle=False, num_workers=num_workers
     )
     outputs: list[list[np.ndarray]] = [[] for _ in models]
     for images in tqdm(loader, desc=desc, unit="batch", leave=False):
@@ -69,7 +77,7 @@ def predict_probabilities(
 
 
 def find_images(inputs: Sequence[str | Path]) -> list[Path]:
-    """Image files named directly or found (recursively, sorted) in folders; each checked to open."""
+    """Image files named directly or found (recursively, sorted) in folders."""
     found: list[Path] = []
     for item in inputs:
         path = Path(item)
@@ -81,22 +89,24 @@ def find_images(inputs: Sequence[str | Path]) -> list[Path]:
             raise HSQformerError(f"input not found: {path}")
     if not found:
         raise HSQformerError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(map(str, inputs))}")
-    for path in found:
-        try:
-            Image.open(path).close()  # reads the header only
-        except (UnidentifiedImageError, OSError) as err:
-            raise HSQformerError(f"cannot read image {path}: {err.__class__.__name__}") from None
     return found
 
 
 def predict_run(
-    run: str | Path, inputs: Sequence[str | Path], *, batch_size: int = 64, num_workers: int = 0
+    run: str | Path,
+    inputs: Sequence[str | Path],
+    *,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    skip_bad: bool = False,
 ) -> pd.DataFrame:
     """Ensemble inference of a finished cv run's fold models over images or folders.
 
     Columns: image, the positive-class probability of each fold model, their mean
     (``prob_ensemble``), the ensemble probability of every class, the arg-max class
-    and whether the ensemble's positive-class probability reaches 0.5.
+    and whether the ensemble's positive-class probability reaches 0.5. Every image is
+    decoded in full first; one that cannot be stops the command, or, with ``skip_bad``,
+    keeps its row with empty predictions and the reason in a ``skipped`` column.
     """
     from hsqformer.checkpoint import load_checkpoint
     from hsqformer.training.engine import DONE_FILE, resume_request
@@ -108,7 +118,14 @@ def predict_run(
     unfinished = [d.name for d in folds if not (d / DONE_FILE).is_file()]
     if unfinished:
         raise HSQformerError(f"run {run} is not finished ({', '.join(unfinished)} missing); resume it first")
-    paths = find_images(inputs)
+    found = find_images(inputs)
+    failures = find_unreadable(found)
+    if failures and not skip_bad:
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        raise HSQformerError(f"{next(iter(failures.values()))}{more}; pass --skip-bad to predict the other images")
+    paths = [p for i, p in enumerate(found) if i not in failures]
+    if not paths:
+        raise HSQformerError(f"none of the {len(found)} images can be read, e.g. {next(iter(failures.values()))}")
     loaded = [load_checkpoint(d) for d in folds]
     models = [model for model, _ in loaded]
     meta = loaded[0][1]
@@ -129,4 +146,10 @@ def predict_run(
         table[f"prob_ensemble_{name}"] = mean[:, i]
     table["predicted_class"] = [classes[i] for i in mean.argmax(axis=1)]
     table[f"is_{meta['positive_class']}"] = mean[:, pos] >= 0.5
-    return table
+    if not skip_bad:
+        return table
+    table["skipped"] = ""
+    bad = pd.DataFrame({"image": [str(found[i]) for i in failures], "skipped": list(failures.values())})
+    order = {str(p): i for i, p in enumerate(found)}
+    table = pd.concat([table, bad], ignore_index=True)  # the skipped rows' predictions stay empty
+    return table.sort_values("image", key=lambda c: c.map(order), kind="stable").reset_index(drop=True)

@@ -1,4 +1,8 @@
-"""``hsqformer info``: size and cost of an HSQformer variant or any timm model."""
+"""``hsqformer info``: size and cost of an HSQformer variant or any timm model, or this machine's facts.
+
+Outside ``hsqformer.models`` on purpose: importing anything in that package imports torch and timm
+(its ``__init__`` registers the models), which would slow down every command's start.
+"""
 
 from __future__ import annotations
 
@@ -33,8 +37,7 @@ def register(app: typer.Typer) -> None:
             raise HSQformerError("info needs a MODEL name, or --system for this machine's facts")
         import timm
 
-        import hsqformer  # noqa: F401  (registers the HSQformer variants)
-        from hsqformer.models import HSQformer
+        from hsqformer.models import HSQformer  # importing hsqformer.models registers the variants with timm
         from hsqformer.models.complexity import count_flops, count_parameters
 
         if not timm.is_model(model):
