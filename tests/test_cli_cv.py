@@ -90,7 +90,29 @@ def smoke_run(liver, tmp_path_factory) -> Path:
         "cv", "--config", SMOKE, "--data", liver["train"], "--test", f"held-out={liver['test']}", "--out", out
     )
     assert code == 0, err[-3000:]
+    (out.parent / "cv_stderr.txt").write_text(err)
     return out
+
+
+@requires_shared_data
+def test_cv_ends_with_its_results_table_and_no_accelerator_noise(smoke_run):
+    err = (smoke_run.parent / "cv_stderr.txt").read_text()
+    assert (smoke_run / "table.md").read_text().strip() in err
+    assert "done: " in last_line(err) and "hsqformer compare" in last_line(err)
+    assert "precision " in err and "GPU available" not in err and "TPU available" not in err
+
+
+@requires_shared_data
+def test_predict_writes_predictions_csv_by_default_and_summarises(smoke_run, liver, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli("predict", "--run", smoke_run, *liver["test_paths"])
+    assert code == 0, err[-2000:]
+    table = pd.read_csv(tmp_path / "predictions.csv")
+    assert len(table) == len(liver["test_paths"])
+    counts = table["predicted_class"].value_counts()
+    summary = next(line for line in err.splitlines() if line.startswith("predicted (ensemble arg-max): "))
+    for name, n in counts.items():
+        assert f"{name} {n}" in summary
 
 
 @requires_shared_data

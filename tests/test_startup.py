@@ -54,3 +54,14 @@ def test_models_register_with_timm_in_either_import_order() -> None:
     assert python(f"import timm\nimport hsqformer\n{registered}").stdout.strip() == "True"
     attribute = python(f"import hsqformer\nprint(hsqformer.HSQformer.__name__)\nimport timm\n{registered}")
     assert attribute.stdout.split() == ["HSQformer", "True"]
+
+
+def test_version_prints_the_package_version_without_torch() -> None:
+    from importlib.metadata import version
+
+    result = python("import sys; sys.argv = ['hsqformer', '--version']\nfrom hsqformer.cli import main\n"
+                    "try:\n    main()\nexcept SystemExit as exit_:\n    assert not exit_.code\n"
+                    f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith(f"hsqformer {version('hsqformer')}")
+    assert lines[-1] == "[]"

@@ -35,9 +35,25 @@ def build_app() -> typer.Typer:
         add_completion=False,
         pretty_exceptions_enable=False,
     )
+    @app.callback()
+    def options(
+        version: bool = typer.Option(
+            False, "--version", help="Print the version and exit.", is_eager=True, callback=_print_version
+        ),
+    ) -> None:
+        """HSQformer: ultrasound HCC screening models, training protocol and tools."""
+
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).register(app)
     return app
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"hsqformer {version('hsqformer')} (hsqformer info --system: this machine's facts)")
+        raise typer.Exit()
 
 
 def main() -> None:

@@ -71,7 +71,9 @@ def register(app: typer.Typer) -> None:
     def predict(
         inputs: Annotated[list[Path], typer.Argument(help="Images and/or folders of images (searched recursively).")],
         run: Annotated[Path, typer.Option("--run", help="A finished cv run folder.")],
-        out: Annotated[Path, typer.Option("--out", help="CSV file to write.")],
+        out: Annotated[
+            Path, typer.Option("--out", help="CSV file to write (never replaced without --overwrite).")
+        ] = Path("predictions.csv"),
         batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
         num_workers: Annotated[int, typer.Option("--num-workers", min=0)] = 0,
         overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
@@ -91,5 +93,15 @@ def register(app: typer.Typer) -> None:
         write_csv(out, table)
         skipped = int((table["skipped"] != "").sum()) if "skipped" in table else 0
         typer.echo(f"wrote {len(table) - skipped} predictions to {out}", err=True)
+        decided = table[table["skipped"] == ""] if "skipped" in table else table
+        if len(decided):
+            counts = decided["predicted_class"].value_counts()
+            typer.echo(
+                "predicted (ensemble arg-max): " + ", ".join(f"{name} {n}" for name, n in counts.items())
+                + f"; ensemble probability: min {decided['prob_ensemble'].astype(float).min():.3f}, "
+                f"median {decided['prob_ensemble'].astype(float).median():.3f}, "
+                f"max {decided['prob_ensemble'].astype(float).max():.3f}",
+                err=True,
+            )
         if skipped:
             typer.echo(f"skipped {skipped} unreadable images: listed in {out} with the reason in column 'skipped'", err=True)

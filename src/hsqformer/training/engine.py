@@ -185,8 +185,11 @@ def run_cv(
     metrics = aggregate(out, inputs)
     metrics["wall_seconds_this_invocation"] = round(time.perf_counter() - started, 1)
     write_json(out / "metrics.json", metrics)
-    write_text(out / "table.md", run_table(metrics))
-    _say(f"done: {out / 'table.md'}")
+    table = run_table(metrics)
+    write_text(out / "table.md", table)
+    if _is_rank_zero():
+        print(table, file=sys.stderr, flush=True)
+    _say(f"done: {out / 'table.md'} (compare runs with: hsqformer compare {out} OTHER_RUN... --out REPORT_DIR)")
     return metrics
 
 
@@ -333,9 +336,14 @@ def check_resume_checkpoint(path: Path, expected: Mapping[str, Any], k: int) -> 
             raise refuse(f"a checkpoint of another model ('{name}' has another shape)")
 
 
+_LIGHTNING_NOISE = ("litlogger", "GPU available:", "TPU available:", "HPU available:", "Loading `train_dataloader`")
+
+
 def _no_advertising(record: logging.LogRecord) -> bool:
-    """Logging filter that drops Lightning's tip to install its cloud logger from every fold's output."""
-    return "litlogger" not in record.getMessage()
+    """Logging filter that drops, from every fold's output, Lightning's tip to install its cloud logger
+    and its accelerator lines (the precision line at start says what runs where)."""
+    message = record.getMessage()
+    return not any(noise in message for noise in _LIGHTNING_NOISE)
 
 
 def _evaluate_fold(k: int, inputs: CVInputs, fold_dir: Path, val_rows: np.ndarray) -> None:
