@@ -549,3 +549,14 @@ def test_an_error_raised_while_handling_an_interruption_still_exits_with_the_sig
     monkeypatch.setattr(cli, "build_app", lambda: lambda: (_ for _ in ()).throw(RuntimeError("a real bug")))
     with pytest.raises(RuntimeError, match="a real bug"):
         cli.main()
+
+
+def test_loader_workers_killed_by_the_group_signal_count_as_that_signal():
+    """When the workers' death is noticed before the main process's own SIGTERM handler runs."""
+    from hsqformer.interrupts import interruption_behind
+
+    found = interruption_behind(RuntimeError("DataLoader worker (pid 17908) is killed by signal: Terminated. "))
+    assert found is not None and found.exit_code == 143
+    assert interruption_behind(RuntimeError("DataLoader worker (pid 1) is killed by signal: Interrupt. ")).exit_code == 130
+    assert interruption_behind(RuntimeError("DataLoader worker (pid 1) exited unexpectedly")) is None
+    assert interruption_behind(ValueError("killed by signal: Terminated")) is None

@@ -11,6 +11,7 @@ exits with 128 + the signal number: 143 for SIGTERM, 130 for Ctrl-C.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 from collections.abc import Iterator
@@ -67,11 +68,17 @@ def exit_on_signals(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) 
             signal.signal(sig, old)
 
 
-def interruption_behind(err: BaseException) -> Interrupted | None:
-    """The ``Interrupted`` that ``err`` is or was raised while handling, if any.
+_WORKER_KILLED = re.compile(r"DataLoader worker \(pid[^)]*\) is killed by signal: (Terminated|Interrupt)")
 
-    A signal sent to a whole process group also ends the data-loader workers; their death then
-    surfaces as a ``RuntimeError`` raised while the main process handles its own interruption.
+
+def interruption_behind(err: BaseException) -> Interrupted | None:
+    """The interruption that ``err`` is, was raised while handling, or reports, if any.
+
+    A signal sent to a whole process group (as schedulers and ``kill -- -PGID`` do) also ends the
+    data-loader workers. Their death surfaces in the main process as torch's ``RuntimeError``
+    "DataLoader worker ... is killed by signal: Terminated", raised either while the main process
+    handles its own signal or, when the workers' death is noticed first, before it: both are the
+    same interruption.
     """
     seen: set[int] = set()
     current: BaseException | None = err
@@ -80,4 +87,7 @@ def interruption_behind(err: BaseException) -> Interrupted | None:
             return current
         seen.add(id(current))
         current = current.__cause__ or current.__context__
+    killed = _WORKER_KILLED.search(str(err)) if isinstance(err, RuntimeError) else None
+    if killed:
+        return Interrupted(signal.SIGTERM if killed.group(1) == "Terminated" else signal.SIGINT)
     return None
