@@ -15,7 +15,8 @@ from hsqformer.cli import build_app
 from hsqformer.errors import HSQformerError
 from hsqformer.models import HSQformer
 from hsqformer.models.backbones import create_backbone, load_pretrained, offline_weights_path
-from hsqformer.models.complexity import count_flops, count_parameters
+from hsqformer.models.complexity import count_flops, count_parameters, projector_flops
+from hsqformer.models.csm import Attention, SRAttention, WindowAttention
 from hsqformer.models.moe import MoE
 
 TINY = dict(
@@ -253,8 +254,9 @@ def test_info_command_prints_parameters_and_flops():
     assert 90 < float(flops_line.split()[3]) < 120
 
 
-def test_grad_checkpointing_gives_the_same_gradients():
-    model = tiny(top_k=2).train()
+@pytest.mark.parametrize("projector_attn", ["full", "sr", "window"])
+def test_grad_checkpointing_gives_the_same_gradients(projector_attn):
+    model = tiny(top_k=2, projector_attn=projector_attn).train()
     x = torch.randn(2, 3, 64, 64)
 
     def gradients(enable: bool) -> dict[str, torch.Tensor]:
@@ -280,3 +282,157 @@ def test_pretrained_classifier_with_new_classes_starts_near_zero_logits():
     with torch.no_grad():
         logits = model.eval()(torch.randn(4, 3, 128, 128))
     assert logits.abs().max() < 2
+
+
+# --- projector attention: full (the paper's) | sr | window ---------------------------------------------
+
+# Logits and stage-1 latent tokens of the tiny model before projector_attn existed (seeded weights and input).
+FULL_REFERENCE_LOGITS = [0.035310398787260056, 0.011834490112960339, -0.01902213878929615]
+FULL_REFERENCE_LATENT = [-0.17421068251132965, 0.1996208131313324, 0.1914498209953308]
+FULL_REFERENCE_LATENT_SUM = -357.87348319849457
+FULL_REFERENCE_KEYS = 817
+
+
+def test_full_projector_attention_is_unchanged():
+    torch.manual_seed(0)
+    model = tiny(projector_attn="full").eval()
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        logits = model(x)
+        latent = model.projector["0"](model._pyramid(model.cnn, x)[0], model._pyramid(model.vit, x)[0])
+    assert torch.allclose(logits[0], torch.tensor(FULL_REFERENCE_LOGITS), atol=1e-6)
+    assert torch.allclose(latent[0, 0, :3], torch.tensor(FULL_REFERENCE_LATENT), atol=1e-5)
+    assert latent.double().sum().item() == pytest.approx(FULL_REFERENCE_LATENT_SUM, rel=1e-5)
+    assert len(model.state_dict()) == FULL_REFERENCE_KEYS
+    assert not any(".sr." in k for k in model.state_dict())
+    assert all(type(m) is Attention for m in model.modules() if isinstance(m, Attention))
+
+
+@pytest.mark.parametrize("projector_attn", ["sr", "window"])
+def test_cheap_projector_attention_any_input_size(projector_attn):
+    model = tiny(backbones=("convnext_atto", "resnet10t"), projector_attn=projector_attn).eval()
+    assert sum(isinstance(m, (SRAttention, WindowAttention)) for m in model.modules()) == 3 * 4
+    for size in ((64, 64), (96, 96), (160, 160), (64, 128), (224, 160)):
+        with torch.no_grad():
+            assert model(torch.randn(2, 3, *size)).shape == (2, 3)
+    swin = tiny(backbones=("convnext_atto", "swin_tiny_patch4_window7_224"), img_size=96, projector_attn=projector_attn)
+    assert swin.eval()(torch.randn(1, 3, 96, 96)).shape == (1, 3)
+
+
+def test_sr_attention_reads_pooled_keys_at_full_query_resolution():
+    torch.manual_seed(0)
+    attn = SRAttention(32, 2, grid=3).eval()
+    x, context = torch.randn(2, 6 * 9, 32), torch.randn(2, 6 * 9, 32)
+    pooled = F.adaptive_avg_pool2d(context.transpose(1, 2).reshape(2, 32, 6, 9), 3).flatten(2).transpose(1, 2)
+    reduced = attn.sr.act(attn.sr.norm(attn.sr.proj(pooled)))
+    assert torch.allclose(attn(x, context, size=(6, 9)), Attention.forward(attn, x, reduced), atol=1e-6)
+    assert attn(x, context, size=(6, 9)).shape == x.shape
+
+
+@pytest.mark.parametrize(("h", "w"), [(6, 9), (7, 7), (3, 5)])
+def test_window_attention_equals_attention_in_each_window(h, w):
+    torch.manual_seed(0)
+    attn = WindowAttention(32, 2, window=3).eval()
+    x, context = torch.randn(2, h * w, 32), torch.randn(2, h * w, 32)
+    out = attn(x, context, size=(h, w)).reshape(2, h, w, 32)
+    grid_x, grid_c = x.reshape(2, h, w, 32), context.reshape(2, h, w, 32)
+    for top in range(0, h, 3):
+        for left in range(0, w, 3):
+            q = grid_x[:, top : top + 3, left : left + 3].reshape(2, -1, 32)
+            kv = grid_c[:, top : top + 3, left : left + 3].reshape(2, -1, 32)
+            expected = Attention.forward(attn, q, kv).reshape(2, min(3, h - top), min(3, w - left), 32)
+            assert torch.allclose(out[:, top : top + 3, left : left + 3], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("projector_attn", ["sr", "window"])
+def test_cheap_projector_attention_gets_gradients(projector_attn):
+    torch.manual_seed(0)
+    model = tiny(projector_attn=projector_attn).train()
+    loss = F.cross_entropy(model(torch.randn(2, 3, 96, 96)), torch.tensor([0, 2])) + 0.01 * model.aux_loss
+    loss.backward()
+    dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    assert dead == []
+    assert any(".sr.proj." in n for n, _ in model.named_parameters()) == (projector_attn == "sr")
+
+
+def test_bad_projector_attn_names_the_allowed_values():
+    with pytest.raises(ValueError, match="projector_attn must be one of 'full', 'sr', 'window', got 'linear'"):
+        tiny(projector_attn="linear")
+
+
+def test_attention_flops_are_counted_from_the_reduced_keys():
+    n, d, grid = 12 * 12, 32, 4
+    p = grid * grid
+    counter = torch.utils.flop_counter.FlopCounterMode(
+        display=False, custom_mapping=hsqformer.models.complexity.CPU_ATTENTION_FLOPS
+    )
+    with counter, torch.no_grad():
+        SRAttention(d, 2, grid).eval()(torch.randn(1, n, d), size=(12, 12))
+    linear = 2 * (n * d * d + p * d * d + p * 2 * d * d + n * d * d)  # q, reduction, kv, out
+    assert counter.get_total_flops() == linear + 4 * n * p * d
+    counter = torch.utils.flop_counter.FlopCounterMode(
+        display=False, custom_mapping=hsqformer.models.complexity.CPU_ATTENTION_FLOPS
+    )
+    with counter, torch.no_grad():
+        WindowAttention(d, 2, 5).eval()(torch.randn(1, n, d), size=(12, 12))
+    padded = 15 * 15  # 12x12 padded to 3x3 windows of 5x5
+    assert counter.get_total_flops() == 2 * 4 * padded * d * d + 4 * padded * 25 * d
+
+
+def test_sr_cuts_hsqformer_small_projector_flops_at_224():
+    full = projector_flops(timm.create_model("hsqformer_small", num_classes=2), 224)
+    sr_model = timm.create_model("hsqformer_small", num_classes=2, projector_attn="sr")
+    assert sr_model.projector_attn == "sr"
+    sr = projector_flops(sr_model, 224)
+    # Queries keep full resolution, so the projector's per-token Linears and MoE (20.5 GFLOPs at
+    # 224 px) stay: no attention could make it more than 3.72x cheaper; sr reaches 3.47x.
+    assert full["total"] / sr["total"] >= 3.4
+    assert full["0"] / sr["0"] >= 4  # the stride-4 stage, where the attention was
+    assert sr["total"] < 23e9
+
+
+# --- head_inputs: queries | queries+pooled --------------------------------------------------------------
+
+
+def test_head_with_pooled_backbone_features():
+    torch.manual_seed(0)
+    model = tiny(head_inputs="queries+pooled").eval()
+    c_cnn, c_vit = model.cnn.stage_channels[3], model.vit.stage_channels[3]
+    assert model.num_features == model.head_hidden_size == 64 + c_cnn + c_vit
+    assert model.head.in_features == model.num_features
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        pre = model.forward_head(features, pre_logits=True)
+        logits = model(x)
+        pooled = torch.cat(
+            (
+                model.pool_norm_cnn(model._pyramid(model.cnn, x)[3].mean(1)),
+                model.pool_norm_vit(model._pyramid(model.vit, x)[3].mean(1)),
+            ),
+            dim=-1,
+        )
+    assert features.shape == (2, 64, model.num_features)
+    assert pre.shape == (2, model.num_features) and logits.shape == (2, 3)
+    assert torch.equal(pre[:, 64:], pooled)
+    assert torch.allclose(pre[:, :64], features[:, :, :64].mean(1))
+    with torch.no_grad():
+        model.head.weight[:, :64] = 0  # the query path's contribution zeroed: a linear probe on the backbones
+        assert torch.allclose(model(x), pooled @ model.head.weight[:, 64:].T + model.head.bias, atol=1e-6)
+    model.reset_classifier(5)
+    assert model.head.in_features == model.num_features and model(x).shape == (2, 5)
+    model.reset_classifier(0)
+    assert model(x).shape == (2, model.num_features)
+    plain = tiny()
+    assert plain.num_features == 64 and not hasattr(plain, "pool_norm_cnn")
+
+
+def test_head_inputs_pooled_trains_and_rejects_bad_values():
+    model = tiny(head_inputs="queries+pooled", projector_attn="sr").train()
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert model.pool_norm_cnn.weight.grad.any() and model.pool_norm_vit.weight.grad.any()
+    with pytest.raises(ValueError, match="head_inputs must be one of 'queries', 'queries\\+pooled'"):
+        tiny(head_inputs="pooled")
+    with pytest.raises(ValueError, match="needs at least one query stage"):
+        tiny(head_inputs="queries+pooled", stage_depths=(0, 0, 0, 0))

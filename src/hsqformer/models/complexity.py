@@ -23,7 +23,12 @@ CPU_ATTENTION_FLOPS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
 }
-"""torch's counter knows the CUDA attention kernels only; these add the CPU ones."""
+"""torch's counter knows the CUDA attention kernels only; these add the CPU ones.
+
+They count from the shapes of queries and keys, so they also hold for the projector's
+cheaper attentions (``projector_attn``): spatial-reduction attention is counted with its
+pooled keys (N x 49 instead of N x N), window attention per window with a key mask (the
+mask does not change the work), including the zero-padded tokens, which are computed."""
 
 
 @dataclass(frozen=True)
@@ -54,7 +59,8 @@ def count_flops(model: nn.Module, img_size: int | tuple[int, int] = 224, batch_s
     """FLOPs (2 per multiply-add) of one eval forward pass, by top-level child module.
 
     Uses ``torch.utils.flop_counter``, which counts matrix products, convolutions
-    and attention; element-wise work (norms, activations) is not counted. The key
+    and attention; element-wise work (norms, activations, the average pooling of
+    spatial-reduction attention) is not counted. The key
     ``"total"`` holds the sum; sparse MoE layers count only the tokens actually
     dispatched to each expert.
     """
@@ -76,4 +82,34 @@ def count_flops(model: nn.Module, img_size: int | tuple[int, int] = 224, batch_s
             flops[name] = per_module[prefix]
         else:
             flops[name] = sum(v for k, v in per_module.items() if k.startswith(prefix + ".") and k.count(".") == 2)
+    return flops
+
+
+def projector_flops(model: nn.Module, img_size: int | tuple[int, int] = 224, batch_size: int = 1) -> dict[str, int]:
+    """FLOPs of an HSQformer's projector alone, per stage (keys "0".."3") and ``"total"``.
+
+    Runs only the projector's CSM blocks, on random tokens of the shape the backbones give
+    at ``img_size`` (stage i: (H / 4 / 2^i) x (W / 4 / 2^i) tokens), so it takes a fraction of
+    ``count_flops``'s time; the counts are the same as ``count_flops(model)["projector"]``'s.
+    """
+    from hsqformer.models.backbones import STAGE_STRIDES
+
+    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+    was_training = model.training
+    model.eval()
+    flops: dict[str, int] = {}
+    try:
+        for key, block in model.projector.items():
+            i = int(key)
+            size = (h // STAGE_STRIDES[i], w // STAGE_STRIDES[i])
+            n = size[0] * size[1]
+            cnn = torch.randn(batch_size, n, model.cnn.stage_channels[i])
+            vit = torch.randn(batch_size, n, model.vit.stage_channels[i])
+            counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
+            with counter, torch.no_grad():
+                block(cnn, vit, size)
+            flops[key] = counter.get_total_flops()
+    finally:
+        model.train(was_training)
+    flops["total"] = sum(flops.values())
     return flops

@@ -9,6 +9,8 @@ stage i's latent tokens (low-level first, high-level last) -> head.
 Head: LayerNorm over the final queries, mean over the Q queries, dropout,
 linear classifier. (The paper says only "a linear projection layer"; mean
 pooling keeps every query's contribution and is invariant to query order.)
+With ``head_inputs="queries+pooled"`` the classifier also reads the globally
+pooled last-stage features of both backbones, each LayerNorm'ed.
 
 Variants (Table 4; the backbone sizes are our choice, the paper does not give
 them): S pairs ConvNeXt-T with Swin-T, B ConvNeXt-S with Swin-S, L ConvNeXt-B
@@ -19,11 +21,14 @@ Ablation switches (Figs. 4-8), all constructor arguments:
 zeros gives the backbones-only baseline of Fig. 4), ``num_queries`` and
 ``embed_dim`` (Fig. 6), ``attn_order`` serial/parallel (Fig. 7),
 ``num_experts``, ``top_k`` and ``moe_mode`` sparse/dense/mlp (Fig. 8).
+Beyond the paper: ``projector_attn`` full/sr/window (cost of the projector's
+attention quadratic or linear in image area) and ``head_inputs``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -31,11 +36,14 @@ from timm.layers import trunc_normal_
 from torch.utils.checkpoint import checkpoint
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from hsqformer.models.backbones import PretrainedSource, create_backbone
-from hsqformer.models.csm import AttnOrder, MoEConfig, ProjectorCSM, QueryCSMBlock
+from hsqformer.models.backbones import STAGE_STRIDES, PretrainedSource, create_backbone
+from hsqformer.models.csm import AttnOrder, MoEConfig, ProjectorAttn, ProjectorCSM, QueryCSMBlock, check_projector_attn
 from hsqformer.models.moe import MoE, MoEMode
 
 __all__ = ["HSQformer"]
+
+HeadInputs = Literal["queries", "queries+pooled"]
+HEAD_INPUTS: tuple[str, ...] = ("queries", "queries+pooled")
 
 
 class QueryStage(nn.Module):
@@ -82,7 +90,48 @@ class HSQformer(nn.Module):
         proj_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         global_pool: str = "avg",
+        projector_attn: ProjectorAttn = "full",
+        projector_attn_size: int = 7,
+        head_inputs: HeadInputs = "queries",
     ) -> None:
+        """Build the model; every argument can also be passed through ``timm.create_model``.
+
+        Args (the paper's settings are the defaults; Table 4 sets the rest per variant):
+            num_classes, in_chans, global_pool: timm's meaning (``global_pool`` "avg" or "").
+            backbones: two timm model names (CNN, ViT) with maps at strides 4/8/16/32.
+            pretrained_backbones: per backbone (or one for both) False, True or a weights file.
+            img_size: input size the backbones are built for (Swin needs it fixed).
+            num_queries, embed_dim, stage_depths, num_heads, mlp_ratio: query transformer shape.
+            num_experts, top_k, moe_mode, router_noise: the MoE layers (Eq. 5-7, Fig. 8).
+            attn_order: "serial" or "parallel" cross-/self-attention in the query blocks (Fig. 7).
+            layer_scale_init, drop_rate, proj_drop_rate, drop_path_rate: regularisation.
+            projector_attn: form of the projector's three attentions per stage (CNN tokens
+                from ViT tokens, ViT from CNN, self-attention of the fused tokens).
+                "full" (default, the paper's): every token attends to every token of the
+                stage, cost quadratic in image area (3136 tokens at stride 4 and 224 px).
+                "sr": spatial-reduction attention (PVTv2's linear SRA), at every stage: the
+                keys and values come from the context average-pooled to at most
+                ``projector_attn_size`` x ``projector_attn_size`` tokens, then Linear,
+                LayerNorm and GELU; queries keep full resolution, so every token still sees
+                the whole image, coarsely. Cost linear in image area.
+                "window": attention within non-overlapping windows of that side (padded and
+                masked where the map does not divide), full-resolution but local keys and
+                values; cost linear in image area; a map no larger than a window gets full
+                attention. "sr" and "window" add parameters (the reduction's Linear and
+                LayerNorm, "sr" only); "full" has exactly the paper's modules and code path.
+            projector_attn_size: the pooled grid side of "sr" and the window side of
+                "window" (default 7, PVTv2's pooled size; ignored for "full").
+            head_inputs: what the classifier reads. "queries" (default, the paper's): the
+                mean of the final, LayerNorm'ed queries (``num_features = embed_dim``).
+                "queries+pooled": that mean concatenated with the globally average-pooled
+                last-stage (stride-32) features of the CNN and of the ViT, each through its
+                own LayerNorm, so ``num_features = embed_dim + C_cnn + C_vit``; zeroing the
+                query part of the classifier leaves a linear probe on the backbones.
+                ``forward_features`` then returns (B, Q, num_features), the pooled features
+                repeated for every query, and ``forward_head`` takes them from the first.
+                Needs at least one query stage (without any, the head already reads the
+                pooled backbone features).
+        """
         super().__init__()
         if in_chans != 3:
             raise ValueError("HSQformer backbones take 3-channel images; convert grayscale to RGB first")
@@ -92,6 +141,15 @@ class HSQformer(nn.Module):
             raise ValueError(f"stage_depths must be four non-negative block counts, got {list(stage_depths)}")
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        check_projector_attn(projector_attn)
+        if head_inputs not in HEAD_INPUTS:
+            allowed = ", ".join(repr(v) for v in HEAD_INPUTS)
+            raise ValueError(f"head_inputs must be one of {allowed}, got {head_inputs!r}")
+        if head_inputs != "queries" and not any(stage_depths):
+            raise ValueError(
+                f"head_inputs={head_inputs!r} needs at least one query stage; with stage_depths all zero "
+                "the head already reads the pooled backbone features"
+            )
         sources = (
             list(pretrained_backbones)
             if isinstance(pretrained_backbones, (list, tuple))
@@ -102,6 +160,9 @@ class HSQformer(nn.Module):
         self.grad_checkpointing = False
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         self.stage_depths = tuple(stage_depths)
+        self.embed_dim = embed_dim
+        self.projector_attn = projector_attn
+        self.head_inputs = head_inputs
         self.num_features = self.head_hidden_size = embed_dim
         num_heads = num_heads or max(1, embed_dim // 64)
 
@@ -126,6 +187,8 @@ class HSQformer(nn.Module):
                 layer_scale_init,
                 rates[cursor],
                 proj_drop_rate,
+                attn=projector_attn,
+                grid=projector_attn_size,
             )
             self.stages[str(i)] = QueryStage(
                 depth,
@@ -143,6 +206,12 @@ class HSQformer(nn.Module):
             self.queries = nn.Parameter(torch.zeros(1, num_queries, embed_dim))
             trunc_normal_(self.queries, std=0.02)
             self.norm = nn.LayerNorm(embed_dim)
+            if head_inputs == "queries+pooled":
+                self.pool_norm_cnn = nn.LayerNorm(self.cnn.stage_channels[3])
+                self.pool_norm_vit = nn.LayerNorm(self.vit.stage_channels[3])
+                self.num_features = self.head_hidden_size = (
+                    embed_dim + self.cnn.stage_channels[3] + self.vit.stage_channels[3]
+                )
         else:
             self.queries = None
             self.num_features = self.head_hidden_size = self.cnn.stage_channels[3] + self.vit.stage_channels[3]
@@ -223,25 +292,41 @@ class HSQformer(nn.Module):
         return [m.flatten(2).transpose(1, 2) for m in maps]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Final query tokens (B, Q, D), or pooled backbone features when no stage is active."""
+        """Final query tokens (B, Q, num_features), or pooled backbone features when no stage is active.
+
+        With ``head_inputs="queries+pooled"`` the last ``num_features - embed_dim`` channels of every
+        query hold the same LayerNorm'ed pooled backbone features.
+        """
         self._check_input(x)
         cnn_maps = self._pyramid(self.cnn, x)
         vit_maps = self._pyramid(self.vit, x)
         if self.queries is None:
             return self.norm(torch.cat((cnn_maps[3].mean(1), vit_maps[3].mean(1)), dim=-1)).unsqueeze(1)
+        h, w = x.shape[-2:]
+        sizes = [(h // s, w // s) for s in STAGE_STRIDES]
         queries = self.queries.expand(x.shape[0], -1, -1)
         for key, stage in self.stages.items():
             i = int(key)
             if self.grad_checkpointing and torch.is_grad_enabled():
-                latent = checkpoint(self.projector[key], cnn_maps[i], vit_maps[i], use_reentrant=False)
+                latent = checkpoint(self.projector[key], cnn_maps[i], vit_maps[i], sizes[i], use_reentrant=False)
             else:
-                latent = self.projector[key](cnn_maps[i], vit_maps[i])
+                latent = self.projector[key](cnn_maps[i], vit_maps[i], sizes[i])
             queries = stage(queries, latent)
-        return self.norm(queries)
+        queries = self.norm(queries)
+        if self.head_inputs == "queries+pooled":
+            pooled = torch.cat(
+                (self.pool_norm_cnn(cnn_maps[3].mean(1)), self.pool_norm_vit(vit_maps[3].mean(1))), dim=-1
+            )
+            queries = torch.cat((queries, pooled.unsqueeze(1).expand(-1, queries.shape[1], -1)), dim=-1)
+        return queries
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == "avg":
-            x = x.mean(dim=1)
+            if self.head_inputs == "queries+pooled":
+                # the pooled backbone features are the same in every row: take them as they are
+                x = torch.cat((x[:, :, : self.embed_dim].mean(dim=1), x[:, 0, self.embed_dim :]), dim=-1)
+            else:
+                x = x.mean(dim=1)
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
