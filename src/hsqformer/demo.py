@@ -168,22 +168,14 @@ def _steps(
 def _compare(out: Path, seed: int, resamples: int) -> list[str]:
     """Compare the two runs and the shortcut floor into ``out/compare``; returns the summary lines."""
     from hsqformer.evaluation.compare import compare_runs, load_run, shortcut_floor
-    from hsqformer.evaluation.comparison_report import prepare_out, write_comparison
-    from hsqformer.evaluation.statistics import format_ci, format_p
+    from hsqformer.evaluation.comparison_report import prepare_out, summary_lines, write_comparison
 
     runs = [load_run(out / "runs" / name, DISPLAY[name]) for name in CONFIGS]
     runs.append(shortcut_floor(runs[0], seed))
     report = compare_runs(runs, reference=0, n_resamples=resamples, seed=seed)
     prepare_out(out / "compare", overwrite=False)
     write_comparison(runs, report, out / "compare", seed)
-    lines = []
-    for cohort, part in report["cohorts"].items():
-        lines.append(f"{cohort} ({part['n_images']} images), AUC [95% CI]:")
-        for model, values in part["models"].items():
-            paired = part["paired"].get(model)
-            test = f"  DeLong p {format_p(paired['delong_p'])} vs the reference" if paired else "  (reference)"
-            lines.append(f"  {model:<20} {format_ci(values['auc'], values['auc_ci'])}{test}")
-    return lines
+    return summary_lines(report)
 
 
 def _class_counts(report: Any) -> dict[str, int]:

@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
         """Compare models on the same images: AUC (DeLong) and metrics (patient bootstrap) with 95 % CIs,
         paired DeLong and McNemar tests against a reference with Holm's correction, ROC/calibration figures."""
         from hsqformer.evaluation.compare import compare_runs, load_run, shortcut_floor
-        from hsqformer.evaluation.comparison_report import prepare_out, write_comparison
+        from hsqformer.evaluation.comparison_report import prepare_out, summary_lines, write_comparison
 
         started = time.perf_counter()
         if name and len(name) != len(runs):
@@ -62,17 +62,7 @@ def register(app: typer.Typer) -> None:
         prepare_out(out, overwrite)
         path = write_comparison(loaded, report, out, seed)
         report["wall_seconds"] = round(time.perf_counter() - started, 1)
-        _print_summary(report)
+        for line in summary_lines(report):
+            typer.echo(line)
         typer.echo(f"report: {path}", err=True)
 
-
-def _print_summary(report: dict) -> None:
-    """The headline per cohort: AUC with CI and the DeLong p against the reference."""
-    from hsqformer.evaluation.statistics import format_ci, format_p
-
-    for cohort, part in report["cohorts"].items():
-        typer.echo(f"{cohort} ({part['n_images']} images)")
-        for model, values in part["models"].items():
-            paired = part["paired"].get(model)
-            test = f"  DeLong p {format_p(paired['delong_p'])} (Holm {format_p(paired['delong_p_holm'])})" if paired else "  (reference)"
-            typer.echo(f"  {model:<28} AUC {format_ci(values['auc'], values['auc_ci'])}{test}")

@@ -27,6 +27,7 @@ from hsqformer.evaluation import statistics as st
 
 VALIDATION = "validation"
 PAPER_THRESHOLD = 0.5
+REPORT_FORMAT = "hsqformer-compare/1"
 ALPHA = 0.05
 
 
@@ -196,7 +197,7 @@ def compare_runs(
         }
     rule = "Youden's J" if target_sensitivity is None else f"sensitivity >= {target_sensitivity:g}"
     return {
-        "format": "hsqformer-compare/1",
+        "format": REPORT_FORMAT,
         "reference": ref.name,
         "classes": ref.classes,
         "positive_class": ref.positive_class,

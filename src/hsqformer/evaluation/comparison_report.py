@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hsqformer.errors import HSQformerError
 from hsqformer.evaluation import figures
-from hsqformer.evaluation.compare import VALIDATION, RunScores, per_image_table
+from hsqformer.evaluation.compare import REPORT_FORMAT, VALIDATION, RunScores, per_image_table
 from hsqformer.evaluation.statistics import COUNT_METRICS, format_ci, format_p
-from hsqformer.training.files import write_csv, write_json, write_text
+from hsqformer.training.files import prepare_report_dir, write_csv, write_json, write_text
 
 METRIC_LABELS = {
     "accuracy": "Accuracy",
@@ -25,14 +23,22 @@ METRIC_LABELS = {
 
 def prepare_out(out: Path, overwrite: bool) -> None:
     """Refuse an existing, non-empty folder unless ``overwrite`` and it holds an earlier comparison."""
-    if out.exists() and not out.is_dir():
-        raise HSQformerError(f"--out {out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise HSQformerError(f"{out} already exists; pass --overwrite to replace it")
-        if not (out / "report.json").is_file():
-            raise HSQformerError(f"--overwrite: {out} does not hold a compare report (no report.json); not deleting it")
-        shutil.rmtree(out)
+    prepare_report_dir(out, overwrite, REPORT_FORMAT, "compare report")
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """The headline per cohort: each model's AUC with its CI and the DeLong p against the reference."""
+    lines = []
+    for cohort, part in report["cohorts"].items():
+        lines.append(f"{cohort} ({part['n_images']} images), AUC [95% CI]:")
+        for model, values in part["models"].items():
+            paired = part["paired"].get(model)
+            test = (
+                f"  DeLong p {format_p(paired['delong_p'])} (Holm {format_p(paired['delong_p_holm'])})"
+                if paired else "  (reference)"
+            )
+            lines.append(f"  {model:<28} {format_ci(values['auc'], values['auc_ci'])}{test}")
+    return lines
 
 
 def write_comparison(runs: Sequence[RunScores], report: dict[str, Any], out: Path, seed: int = 0) -> Path:

@@ -17,7 +17,8 @@ FPR_GRID = np.linspace(0.0, 1.0, 101)
 BAND_RESAMPLES = 200
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -26,10 +27,11 @@ def _pyplot():
     return plt
 
 
-def _save(fig: Any, path: Path) -> Path:
+def save_png(fig: Any, path: Path) -> Path:
+    """Write ``fig`` as a PNG atomically and close it."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight")
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -58,7 +60,7 @@ def roc_figure(runs: Sequence[RunScores], cohort: str, report: dict[str, Any], p
     """ROC curves of all models on one cohort; the reference with its CI band and operating points marked."""
     from sklearn.metrics import roc_curve
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.6, 5.2))
     ref_name = report["reference"]
     part = report["cohorts"][cohort]
@@ -81,12 +83,12 @@ def roc_figure(runs: Sequence[RunScores], cohort: str, report: dict[str, Any], p
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.01), aspect="equal")
     ax.set_title(f"{cohort}: ROC ({part['n_images']} images; dots: operating points)", fontsize=10)
     ax.legend(loc="lower right", fontsize=7)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def confusion_figure(runs: Sequence[RunScores], cohort: str, report: dict[str, Any], path: Path) -> Path:
     """Confusion matrices of every model at its operating point on one cohort."""
-    plt = _pyplot()
+    plt = pyplot()
     n = len(runs)
     cols = min(n, 4)
     rows = (n + cols - 1) // cols
@@ -109,12 +111,12 @@ def confusion_figure(runs: Sequence[RunScores], cohort: str, report: dict[str, A
         ax.axis("off")
     fig.suptitle(f"{cohort}: confusion matrices at the operating point", fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def calibration_figure(runs: Sequence[RunScores], cohort: str, report: dict[str, Any], path: Path) -> Path:
     """Reliability diagram (observed positive fraction against mean predicted probability) with each ECE."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.2, 5.0))
     for run in runs:
         cal = report["cohorts"][cohort]["models"][run.name]["calibration"]
@@ -128,12 +130,12 @@ def calibration_figure(runs: Sequence[RunScores], cohort: str, report: dict[str,
            xlim=(0, 1), ylim=(0, 1), aspect="equal")
     ax.set_title(f"{cohort}: reliability (10 equal-width bins)", fontsize=10)
     ax.legend(loc="upper left", fontsize=7)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def fold_auc_figure(runs: Sequence[RunScores], path: Path) -> Path:
     """Strip plot of each model's validation AUC per fold (the paper's Fig. 9), folds joined by lines."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(runs), 4.0))
     aucs = np.array([run.fold_aucs for run in runs], dtype=np.float64)
     for k in range(aucs.shape[1]):
@@ -144,4 +146,4 @@ def fold_auc_figure(runs: Sequence[RunScores], path: Path) -> Path:
     ax.set_xticks(range(len(runs)), [run.name for run in runs], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("validation AUC per fold (%)")
     ax.set_title("AUC per fold (bar: mean; grey lines join one fold)", fontsize=10)
-    return _save(fig, path)
+    return save_png(fig, path)

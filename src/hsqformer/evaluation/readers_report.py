@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from hsqformer.errors import HSQformerError
 from hsqformer.evaluation import figures
 from hsqformer.evaluation.readers import ALL_READERS, FORMAT, ReaderStudy, matched_reads_table
 from hsqformer.evaluation.statistics import format_ci, format_p, patient_groups
-from hsqformer.training.files import atomic_path, write_csv, write_json, write_text
+from hsqformer.training.files import prepare_report_dir, write_csv, write_json, write_text
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">")
 LABELS = {
@@ -34,19 +31,7 @@ TABLE3 = (("Accuracy", "accuracy"), ("Precision", "ppv"), ("Recall", "sensitivit
 
 def prepare_out(out: Path, overwrite: bool) -> None:
     """Refuse an existing, non-empty folder unless ``overwrite`` and it holds an earlier readers report."""
-    if out.exists() and not out.is_dir():
-        raise HSQformerError(f"--out {out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise HSQformerError(f"{out} already exists; pass --overwrite to replace it")
-        try:
-            earlier = json.loads((out / "report.json").read_text(encoding="utf-8")).get("format")
-        except (OSError, ValueError, AttributeError):
-            earlier = None
-        if earlier != FORMAT:
-            raise HSQformerError(f"--overwrite: {out} does not hold a readers report (no {FORMAT} report.json); "
-                                 "not deleting it")
-        shutil.rmtree(out)
+    prepare_report_dir(out, overwrite, FORMAT, "readers report")
 
 
 def write_report(study: ReaderStudy, report: dict[str, Any], out: Path, seed: int = 0) -> Path:
@@ -313,27 +298,11 @@ def markdown(report: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- figures
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight")
-    _pyplot().close(fig)
-    return path
-
-
 def roc_points_figure(study: ReaderStudy, report: dict[str, Any], path: Path, seed: int = 0) -> Path:
     """Fig. 3: the model's ROC with its 95 % band on the images read; each reader a point (marker per group)."""
     from sklearn.metrics import roc_curve
 
-    plt = _pyplot()
+    plt = figures.pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 5.6))
     idx = study.read_index
     truth, scores = study.truth[idx], study.scores[idx]
@@ -363,14 +332,14 @@ def roc_points_figure(study: ReaderStudy, report: dict[str, Any], path: Path, se
     ax.set_title(f"{study.cohort}: model ROC ({len(idx)} images read) and readers", fontsize=10)
     ax.legend(loc="lower right", fontsize=7)
     line.set_zorder(3)
-    return _save(fig, path)
+    return figures.save_png(fig, path)
 
 
 def reader_curves_figure(study: ReaderStudy, report: dict[str, Any], path: Path) -> Path:
     """Empirical ROC curves of the readers who gave scores (each on its images) and the model's."""
     from sklearn.metrics import roc_curve
 
-    plt = _pyplot()
+    plt = figures.pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 5.6))
     idx = study.read_index
     fpr, tpr, _ = roc_curve(study.truth[idx], study.scores[idx])
@@ -397,7 +366,7 @@ def reader_curves_figure(study: ReaderStudy, report: dict[str, Any], path: Path)
     ax.set(xlabel="1 − specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.01), aspect="equal")
     ax.set_title(f"{study.cohort}: reader ROC curves from their scores (big marks: their calls)", fontsize=10)
     ax.legend(loc="lower right", fontsize=7)
-    return _save(fig, path)
+    return figures.save_png(fig, path)
 
 
 def public_report(report: dict[str, Any]) -> dict[str, Any]:

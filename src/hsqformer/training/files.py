@@ -85,3 +85,25 @@ def read_format_json(path: Path, expected_format: str, missing: str) -> dict[str
     if not isinstance(record, dict) or record.get("format") != expected_format:
         raise HSQformerError(f"{path}: not an {expected_format} file")
     return record
+
+
+def prepare_report_dir(out: Path, overwrite: bool, report_format: str, what: str) -> None:
+    """Make ``out`` ready for a report: refuse an existing, non-empty folder unless ``overwrite``, and even
+    then unless its ``report.json`` has ``report_format`` (an earlier report of the same kind, ``what``)."""
+    import shutil
+
+    if out.exists() and not out.is_dir():
+        raise HSQformerError(f"--out {out} exists and is not a folder")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise HSQformerError(f"{out} already exists; pass --overwrite to replace it")
+    try:
+        earlier = json.loads((out / "report.json").read_text(encoding="utf-8")).get("format")
+    except (OSError, ValueError, AttributeError):
+        earlier = None
+    if earlier != report_format:
+        raise HSQformerError(
+            f"--overwrite: {out} does not hold a {what} (no {report_format} report.json); not deleting it"
+        )
+    shutil.rmtree(out)
