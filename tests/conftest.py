@@ -55,3 +55,27 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         "../shared/data beside the repository); the other tests ran on the sample embedded in the package",
         yellow=True,
     )
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory):
+    """A finished HSQformer-S smoke run (2 folds) on the embedded sample, with real weights."""
+    import warnings
+
+    from trained_runs import train_smoke_run
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return train_smoke_run(tmp_path_factory.mktemp("smoke_run") / "run")
+
+
+@pytest.fixture(scope="session")
+def baseline_run(tmp_path_factory: pytest.TempPathFactory):
+    """A finished smoke run of EfficientNet-Lite0 alone (a plain timm baseline) on the embedded sample."""
+    import warnings
+
+    from trained_runs import BASELINE, train_smoke_run
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return train_smoke_run(tmp_path_factory.mktemp("baseline_run") / "run", *BASELINE)

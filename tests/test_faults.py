@@ -560,3 +560,29 @@ def test_loader_workers_killed_by_the_group_signal_count_as_that_signal():
     assert interruption_behind(RuntimeError("DataLoader worker (pid 1) is killed by signal: Interrupt. ")).exit_code == 130
     assert interruption_behind(RuntimeError("DataLoader worker (pid 1) exited unexpectedly")) is None
     assert interruption_behind(ValueError("killed by signal: Terminated")) is None
+
+
+def test_the_metrics_log_survives_a_crash_while_its_header_is_rewritten(tmp_path, monkeypatch):
+    """Lightning truncates metrics.csv to rewrite its header when a new metric appears; a run killed
+    then (CI caught one right after the epoch's checkpoint) lost every earlier row. Ours keeps them."""
+    from hsqformer.training.csv_log import DurableCSVLogger
+
+    def two_epochs(logger: DurableCSVLogger) -> Path:
+        logger.log_metrics({"val_auc": 0.75, "epoch": 0}, step=1)
+        logger.save()
+        logger.log_metrics({"train_loss_epoch": 0.5, "epoch": 0}, step=1)  # a new column: the header changes
+        logger.save()
+        return Path(logger.log_dir) / "metrics.csv"
+
+    rows = pd.read_csv(two_epochs(DurableCSVLogger(tmp_path / "whole", name="logs")))
+    assert list(rows["val_auc"].dropna()) == [0.75] and list(rows["train_loss_epoch"].dropna()) == [0.5]
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed mid-rewrite")
+
+    monkeypatch.setattr("hsqformer.training.files.os.replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        two_epochs(DurableCSVLogger(tmp_path / "killed", name="logs"))
+    log = tmp_path / "killed" / "logs" / "version_0" / "metrics.csv"
+    assert list(pd.read_csv(log)["val_auc"]) == [0.75]
+    assert [p.name for p in log.parent.iterdir()] == ["metrics.csv"]

@@ -207,10 +207,10 @@ def train_fold(
     """
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger
     from torch.utils.data import DataLoader
 
     from hsqformer.checkpoint import save_checkpoint
+    from hsqformer.training.csv_log import DurableCSVLogger
     from hsqformer.training.modeling import build_model
     from hsqformer.training.module import ClassifierModule, ExportBest, StartEpoch
     from hsqformer.training.transforms import eval_transform, preprocess_config, train_transform
@@ -268,7 +268,7 @@ def train_fold(
         enable_model_summary=False,
         num_sanity_val_steps=0,
         default_root_dir=fold_dir,
-        logger=CSVLogger(fold_dir, name="logs"),
+        logger=DurableCSVLogger(fold_dir, name="logs"),
         callbacks=[
             exporter,
             start,
