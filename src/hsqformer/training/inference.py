@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -92,6 +94,49 @@ def find_images(inputs: Sequence[str | Path]) -> list[Path]:
     return found
 
 
+@dataclass(frozen=True)
+class RunEnsemble:
+    """The fold models of a finished cv run, with what is needed to feed them and read their outputs."""
+
+    run: Path
+    models: list[nn.Module]  # one per fold, in eval mode, on the CPU
+    meta: dict[str, Any]  # fold 0's model.json (all folds agree on classes and preprocessing)
+    transform: Callable[[Image.Image], torch.Tensor]  # the evaluation preprocessing of the run
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    @property
+    def positive_class(self) -> str:
+        return str(self.meta["positive_class"])
+
+    @property
+    def positive_index(self) -> int:
+        return self.classes.index(self.positive_class)
+
+
+def load_ensemble(run: str | Path) -> RunEnsemble:
+    """Load every fold model of a finished ``hsqformer cv`` run; one-line errors for an unfinished or
+    inconsistent run."""
+    from hsqformer.checkpoint import load_checkpoint
+    from hsqformer.training.engine import DONE_FILE, resume_request
+    from hsqformer.training.transforms import eval_transform
+
+    run = Path(run)
+    cfg, _, _ = resume_request(run)
+    folds = [run / f"fold_{k}" for k in range(cfg.cv.n_folds)]
+    unfinished = [d.name for d in folds if not (d / DONE_FILE).is_file()]
+    if unfinished:
+        raise HSQformerError(f"run {run} is not finished ({', '.join(unfinished)} missing); resume it first")
+    loaded = [load_checkpoint(d) for d in folds]
+    meta = loaded[0][1]
+    for _, other in loaded[1:]:
+        if other["preprocess"] != meta["preprocess"] or other["classes"] != meta["classes"]:
+            raise HSQformerError(f"run {run}: fold models differ in classes or preprocessing")
+    return RunEnsemble(run, [model for model, _ in loaded], meta, eval_transform(meta["preprocess"]))
+
+
 def predict_run(
     run: str | Path,
     inputs: Sequence[str | Path],
@@ -108,16 +153,7 @@ def predict_run(
     decoded in full first; one that cannot be stops the command, or, with ``skip_bad``,
     keeps its row with empty predictions and the reason in a ``skipped`` column.
     """
-    from hsqformer.checkpoint import load_checkpoint
-    from hsqformer.training.engine import DONE_FILE, resume_request
-    from hsqformer.training.transforms import eval_transform
-
-    run = Path(run)
-    cfg, _, _ = resume_request(run)
-    folds = [run / f"fold_{k}" for k in range(cfg.cv.n_folds)]
-    unfinished = [d.name for d in folds if not (d / DONE_FILE).is_file()]
-    if unfinished:
-        raise HSQformerError(f"run {run} is not finished ({', '.join(unfinished)} missing); resume it first")
+    ensemble = load_ensemble(run)
     found = find_images(inputs)
     failures = find_unreadable(found)
     if failures and not skip_bad:
@@ -126,16 +162,9 @@ def predict_run(
     paths = [p for i, p in enumerate(found) if i not in failures]
     if not paths:
         raise HSQformerError(f"none of the {len(found)} images can be read, e.g. {next(iter(failures.values()))}")
-    loaded = [load_checkpoint(d) for d in folds]
-    models = [model for model, _ in loaded]
-    meta = loaded[0][1]
-    for _, other in loaded[1:]:
-        if other["preprocess"] != meta["preprocess"] or other["classes"] != meta["classes"]:
-            raise HSQformerError(f"run {run}: fold models differ in classes or preprocessing")
-    classes = meta["classes"]
-    pos = classes.index(meta["positive_class"])
+    models, classes, pos = ensemble.models, ensemble.classes, ensemble.positive_index
     probs = predict_probabilities(
-        models, paths, eval_transform(meta["preprocess"]), batch_size=batch_size, num_workers=num_workers
+        models, paths, ensemble.transform, batch_size=batch_size, num_workers=num_workers
     )
     mean = probs.mean(axis=0)
     table = pd.DataFrame({"image": [str(p) for p in paths]})
@@ -145,7 +174,7 @@ def predict_run(
     for i, name in enumerate(classes):
         table[f"prob_ensemble_{name}"] = mean[:, i]
     table["predicted_class"] = [classes[i] for i in mean.argmax(axis=1)]
-    table[f"is_{meta['positive_class']}"] = mean[:, pos] >= 0.5
+    table[f"is_{ensemble.positive_class}"] = mean[:, pos] >= 0.5
     if not skip_bad:
         return table
     table["skipped"] = ""
