@@ -307,3 +307,21 @@ def test_three_classes_without_patient_ids(tmp_path):
     assert np.allclose(test_rows[classes].sum(axis=1), 1, atol=1e-5)
     assert np.allclose(test_rows["prob_ensemble"], test_rows["prob_ensemble_malignant"])
     assert "Macro AUC (OvR)" in (out / "table.md").read_text()
+
+
+def test_the_paper_configs_start_from_imagenet_and_say_what_to_do_offline(tmp_path, monkeypatch):
+    """configs/paper*.yaml fine-tune ImageNet backbones (timm hub names) as the paper does; with neither hub
+    nor cached copy, `cv` stops before writing anything, in one line naming the local-file alternative."""
+    for name in ("paper.yaml", "paper_small.yaml", "paper_large.yaml"):
+        kwargs = load_config(REPO / "configs" / name).model.kwargs
+        assert kwargs["pretrained_backbones"] is True
+        assert [b.split(".")[1] for b in kwargs["backbones"]] == ["fb_in1k", "ms_in1k"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("hsqformer.models.backbones._hub_cached", lambda name: False)  # a machine without a cache
+    out = tmp_path / "run"
+    code, err = run_cli("cv", "--config", REPO / "configs" / "paper_small.yaml", "--data", SAMPLE, "--out", out)
+    assert code == 2
+    line = last_line(err)
+    assert line.startswith("error: no offline ImageNet weights for 'convnext_tiny.fb_in1k'"), err[-1500:]
+    assert "model.kwargs.pretrained_backbones: [FILE, FILE]" in line
+    assert not out.exists()

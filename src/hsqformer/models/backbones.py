@@ -135,10 +135,10 @@ def pretrained_kwargs(model_name: str, source: PretrainedSource) -> dict:
         if _hub_cached(model_name) or _hub_reachable():
             return {"pretrained": True}
         raise HSQformerError(
-            f"no offline ImageNet weights for backbone '{model_name}' and the model hub is unreachable: "
-            "download them on a machine with network and pass the file's path instead of true "
-            "(a .safetensors or state-dict .pth); weights ship offline only for "
-            + ", ".join(OFFLINE_EFFICIENTNET_LITE)
+            f"no offline ImageNet weights for '{model_name}' and the model hub is unreachable: pass the weights "
+            "as a local file instead of true (model.kwargs.pretrained_backbones: [FILE, FILE] for HSQformer's "
+            "backbones, model.pretrained: FILE for a timm model; a .safetensors or state-dict .pth downloaded "
+            "where there is network); weights ship offline only for " + ", ".join(OFFLINE_EFFICIENTNET_LITE)
         )
     path = Path(source)
     state = read_state_dict(path)
