@@ -32,7 +32,7 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
-from timm.layers import trunc_normal_
+from timm.layers import calculate_drop_path_rates, trunc_normal_
 from torch.utils.checkpoint import checkpoint
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
@@ -171,7 +171,7 @@ class HSQformer(nn.Module):
 
         moe = MoEConfig(num_experts, top_k, moe_mode, mlp_ratio, router_noise)
         total_blocks = sum(stage_depths) + sum(1 for d in stage_depths if d)
-        rates = torch.linspace(0, drop_path_rate, max(total_blocks, 1)).tolist()
+        rates = calculate_drop_path_rates(drop_path_rate, max(total_blocks, 1))
         self.projector = nn.ModuleDict()
         self.stages = nn.ModuleDict()
         cursor = 0
