@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -86,11 +87,14 @@ def liver(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def smoke_run(liver, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "smoke"
-    code, err = run_cli(
-        "cv", "--config", SMOKE, "--data", liver["train"], "--test", f"held-out={liver['test']}", "--out", out
-    )
+    shown = io.StringIO()
+    with contextlib.redirect_stdout(shown):
+        code, err = run_cli(
+            "cv", "--config", SMOKE, "--data", liver["train"], "--test", f"held-out={liver['test']}", "--out", out
+        )
     assert code == 0, err[-3000:]
     (out.parent / "cv_stderr.txt").write_text(err)
+    (out.parent / "cv_stdout.txt").write_text(shown.getvalue())
     return out
 
 
@@ -100,6 +104,15 @@ def test_cv_ends_with_its_results_table_and_no_accelerator_noise(smoke_run):
     assert (smoke_run / "table.md").read_text().strip() in err
     assert "done: " in last_line(err) and "hsqformer compare" in last_line(err)
     assert "precision " in err and "GPU available" not in err and "TPU available" not in err
+
+
+@requires_shared_data
+def test_the_progress_bar_keeps_to_one_line_of_80_columns(smoke_run):
+    shown = (smoke_run.parent / "cv_stdout.txt").read_text()
+    lines = [re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", line).rstrip() for line in shown.splitlines()]
+    bars = [line for line in lines if line.strip()]
+    assert bars and all(line.startswith("Epoch ") for line in bars), bars  # no metrics wrapped onto lines of their own
+    assert all(len(line) <= 80 and "val_auc: " in line for line in bars), bars
 
 
 @requires_shared_data

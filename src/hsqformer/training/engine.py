@@ -23,7 +23,7 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -140,8 +140,13 @@ def run_cv(
     overwrite: bool = False,
     resume: bool = False,
     command: str | None = None,
+    fold_callbacks: Callable[[int], Sequence[Any]] | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) the cross-validation and write the run folder; returns the metrics."""
+    """Run (or resume) the cross-validation and write the run folder; returns the metrics.
+
+    ``fold_callbacks(k)`` gives extra Lightning callbacks for fold ``k`` (``hsqformer tune`` reports each
+    epoch's validation AUC to Optuna through one and stops a trial that its pruner stops).
+    """
     started = time.perf_counter()
     out = Path(out)
     if _is_rank_zero():  # other torchrun processes may start after rank 0 has created the folder
@@ -165,7 +170,8 @@ def run_cv(
             continue
         fold_started = time.perf_counter()
         try:
-            info = train_fold(k, inputs, fold_dir, train_rows, val_rows, precision.precision)
+            extra = fold_callbacks(k) if fold_callbacks is not None else ()
+            info = train_fold(k, inputs, fold_dir, train_rows, val_rows, precision.precision, extra)
             if _is_rank_zero():
                 _evaluate_fold(k, inputs, fold_dir, val_rows)
         except HSQformerError as err:  # e.g. an image spoilt after the check: earlier folds stay done
@@ -200,10 +206,12 @@ def train_fold(
     train_rows: np.ndarray,
     val_rows: np.ndarray,
     precision: str | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """Train fold ``k`` (resuming from its last checkpoint when there is one); returns facts for done.json.
 
     ``precision`` is a resolved Lightning precision; None resolves ``trainer.precision`` here.
+    ``callbacks`` are added to the trainer's own.
     """
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -212,7 +220,7 @@ def train_fold(
     from hsqformer.checkpoint import save_checkpoint
     from hsqformer.training.csv_log import DurableCSVLogger
     from hsqformer.training.modeling import build_model
-    from hsqformer.training.module import ClassifierModule, ExportBest, StartEpoch
+    from hsqformer.training.module import ClassifierModule, CompactProgressBar, ExportBest, StartEpoch
     from hsqformer.training.transforms import eval_transform, preprocess_config, train_transform
 
     cfg = inputs.cfg
@@ -279,6 +287,8 @@ def train_fold(
                 save_top_k=1,
                 enable_version_counter=False,
             ),
+            *callbacks,
+            *([CompactProgressBar()] if cfg.trainer.progress_bar else []),
         ],
     )
     module = ClassifierModule(model, cfg, len(inputs.classes), inputs.positive_index)

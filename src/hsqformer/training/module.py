@@ -17,6 +17,7 @@ import lightning as L
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import RichProgressBar
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -167,3 +168,21 @@ class StartEpoch(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.epoch = trainer.current_epoch
+
+
+class CompactProgressBar(RichProgressBar):
+    """Lightning's rich progress bar on one line of 80 columns: a short bar, batches, elapsed and remaining
+    time, the step loss and the validation AUC (no speed, no ``v_num``, no epoch means that repeat them)."""
+
+    SHOWN = {"train_loss_step": "loss", "val_auc": "val_auc"}
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        return {short: items[name] for name, short in self.SHOWN.items() if name in items}
+
+    def configure_columns(self, trainer: L.Trainer) -> list:
+        columns = [c for c in super().configure_columns(trainer) if type(c).__name__ != "ProcessingSpeedColumn"]
+        for column in columns:
+            if hasattr(column, "bar_width"):
+                column.bar_width = 12
+        return columns
