@@ -146,7 +146,7 @@ def main() -> None:
 
 
 def benchmark(args: argparse.Namespace) -> str:
-    from hsqformer.evaluation.audit import run_audit
+    from hsqformer.data.audit import run_audit
 
     notes = read_notes(args.notes) if args.notes else None
     cfg = load_config(args.config, args.overrides)

@@ -18,7 +18,7 @@ from PIL import Image
 from shared_data import DATA, SAMPLE, requires_shared_data, sample_images
 
 from hsqformer.errors import HSQformerError
-from hsqformer.evaluation.audit import run_audit
+from hsqformer.data.audit import run_audit
 
 LIVER = DATA / "liver-sysu"
 HSQFORMER = Path(sys.executable).with_name("hsqformer")

@@ -12,7 +12,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from hsqformer.evaluation import statistics as st
-from hsqformer.evaluation.audit import run_audit
+from hsqformer.data.audit import run_audit
 from hsqformer.evaluation.compare import compare_runs, load_run
 from run_fixtures import synthetic_study
 from shared_data import DATA, requires_shared_data

@@ -31,7 +31,7 @@ from test_cli_cv import SMOKE, last_line, run_cli, snapshot
 from hsqformer.data import check_images, load_dataset
 from hsqformer.dicom.convert import ConvertOptions, convert_tree
 from hsqformer.errors import HSQformerError
-from hsqformer.evaluation.audit import run_audit
+from hsqformer.data.audit import run_audit
 from hsqformer.training import engine
 from hsqformer.training.config import load_config
 

@@ -131,7 +131,7 @@ def _steps(
     out: Path, data: Path, configs: dict[str, Any], resamples: int, started: float, echo: Callable[[str], None]
 ) -> dict[str, float]:
     """The demo's four steps; returns the seconds each took."""
-    from hsqformer.evaluation.audit import run_audit
+    from hsqformer.data.audit import run_audit
     from hsqformer.training.engine import run_cv
 
     def step(number: int, text: str) -> float:

@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Audit datasets: counts per class and center, exact duplicate images, patient ids
         shared across sets, and the shortcut floor (AUC from image size and grey histogram alone)."""
-        from hsqformer.evaluation.audit import run_audit
+        from hsqformer.data.audit import run_audit
 
         targets = [(flag, path) for flag, path in (("--out", out), ("--json", json_path)) if path is not None]
         if out is not None and json_path is not None and out.resolve() == json_path.resolve():

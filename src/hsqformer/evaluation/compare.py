@@ -302,7 +302,7 @@ def shortcut_floor(reference: RunScores, seed: int = 0, name: str = "shortcut fl
     validation fold out of fold and each test cohort as a fold ensemble, exactly
     like a ``cv`` run, so that a model can be tested against it paired.
     """
-    from hsqformer.evaluation.audit import forest_probabilities, image_features
+    from hsqformer.data.audit import forest_probabilities, image_features
 
     val = reference.cohorts[VALIDATION]
     missing = [image for cohort in reference.cohorts.values() for image in cohort.images if not Path(image).is_file()]
