@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
+import stat
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +18,7 @@ from hsqformer.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from hsqformer.data import load_image
 from hsqformer.errors import HSQformerError
 from hsqformer.training.config import Config, config_to_dict, load_config
-from hsqformer.training.files import atomic_path, write_json
+from hsqformer.training.files import atomic_path, write_json, write_text
 from hsqformer.training.modeling import build_model
 from hsqformer.training.module import ClassifierModule, ExportBest
 from hsqformer.training.transforms import build_mixup, eval_transform, preprocess_config, train_transform
@@ -250,6 +252,29 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
             raise RuntimeError("crash")  # ... when the process fails
     assert json.loads(target.read_text())["auc"] == 0.8
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_the_one_atomic_writer_keeps_files_readable_secrets_private_and_never_replaces_when_told(tmp_path):
+    """Every file of the package goes through atomic_path: results get open()'s permissions (the temporary
+    file's private 0600 must not leak into them), a key file keeps 0600, an exclusive write leaves an
+    existing file alone, and a folder that cannot be written is one line naming the file."""
+    old_mask = os.umask(0o022)
+    try:
+        assert stat.S_IMODE(write_text(tmp_path / "report.md", "# report\n").stat().st_mode) == 0o644
+        assert stat.S_IMODE(write_json(tmp_path / "key.json", {"salt": "s"}, mode=0o600).stat().st_mode) == 0o600
+    finally:
+        os.umask(old_mask)
+    with pytest.raises(FileExistsError):
+        write_text(tmp_path / "report.md", "replaced?", exclusive=True)
+    assert (tmp_path / "report.md").read_text() == "# report\n"
+    assert write_text(tmp_path / "new.md", "fresh", exclusive=True).read_text() == "fresh"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["key.json", "new.md", "report.md"]
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.access(locked, os.W_OK):  # root writes anywhere; a file where a folder is needed fails for everyone
+        locked = tmp_path / "report.md" / "sub"
+    with pytest.raises(HSQformerError, match=r"^cannot write .*out\.json: "):
+        write_json(locked / "out.json", {})
 
 
 def test_ema_weights_are_the_ones_validated():

@@ -25,7 +25,6 @@ training step took 11 s with 2 threads, 1 s with one).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -36,6 +35,7 @@ from typing import Any
 
 from hsqformer import sample_data
 from hsqformer.errors import HSQformerError
+from hsqformer.training.files import write_json
 
 DEMO_FORMAT = "hsqformer-demo/1"
 DEMO_FILE = "demo.json"
@@ -96,7 +96,7 @@ def run_demo(
         "overrides": list(overrides),
         "finished": False,
     }
-    _write_json(out / DEMO_FILE, record)
+    write_json(out / DEMO_FILE, record)
 
     seen: set[str] = set()
 
@@ -122,7 +122,7 @@ def run_demo(
     timings["total"] = time.perf_counter() - started
     report_path = out / "compare" / "report.md"
     record.update(finished=True, seconds={k: round(v, 1) for k, v in timings.items()}, report=str(report_path))
-    _write_json(out / DEMO_FILE, record)
+    write_json(out / DEMO_FILE, record)
     echo(f"[hsqformer demo] done in {timings['total'] / 60:.1f} min; report: {report_path}")
     return report_path
 
@@ -181,9 +181,3 @@ def _compare(out: Path, seed: int, resamples: int) -> list[str]:
 def _class_counts(report: Any) -> dict[str, int]:
     """Images per class of the audit's first set (its counts are per class, then per center)."""
     return {label: sum(per_center.values()) for label, per_center in report.sets[0].counts.items()}
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    from hsqformer.training.files import write_json
-
-    write_json(path, data)

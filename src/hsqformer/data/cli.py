@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import warnings
 from pathlib import Path
 from typing import Annotated
@@ -32,6 +30,7 @@ def register(app: typer.Typer) -> None:
         """Audit datasets: counts per class and center, exact duplicate images, patient ids
         shared across sets, and the shortcut floor (AUC from image size and grey histogram alone)."""
         from hsqformer.data.audit import run_audit
+        from hsqformer.training.files import write_json, write_text
 
         targets = [(flag, path) for flag, path in (("--out", out), ("--json", json_path)) if path is not None]
         if out is not None and json_path is not None and out.resolve() == json_path.resolve():
@@ -51,22 +50,9 @@ def register(app: typer.Typer) -> None:
         markdown = report.to_markdown()
         typer.echo(markdown)
         if out is not None:
-            _write_text(out, markdown)
+            write_text(out, markdown)
         if json_path is not None:
-            _write_text(json_path, json.dumps(report.to_dict(), indent=2) + "\n")
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write through a temporary file, so a failed write never leaves half a report."""
-    partial = path.with_name(path.name + ".partial")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_text(text, encoding="utf-8")
-        os.replace(partial, path)
-    except OSError as err:
-        from hsqformer.data.manifest import one_line
-
-        raise HSQformerError(f"cannot write report {path}: {one_line(err)}") from None
+            write_json(json_path, report.to_dict())
 
 
 _REGISTRY_HELP = "Dataset registry YAML to use instead of the one in the package (also $HSQFORMER_DATA_REGISTRY)."

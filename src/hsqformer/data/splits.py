@@ -6,7 +6,6 @@ split, validation scores measure recognition of the patient, not of the lesion.
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -101,11 +100,9 @@ def folds_table(frame: pd.DataFrame, folds: Sequence[Fold]) -> pd.DataFrame:
 def save_folds(frame: pd.DataFrame, folds: Sequence[Fold], path: str | Path) -> Path:
     """Write ``folds_table`` as CSV to a new file (never over an existing one), after a leakage check."""
     check_no_leakage(frame, folds)
-    path = Path(path)
-    if path.exists():
-        raise HSQformerError(f"splits file already exists, not overwriting: {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    folds_table(frame, folds).to_csv(partial, index=False)
-    os.replace(partial, path)
-    return path
+    from hsqformer.training.files import write_csv
+
+    try:
+        return write_csv(path, folds_table(frame, folds), exclusive=True)
+    except FileExistsError:
+        raise HSQformerError(f"splits file already exists, not overwriting: {path}") from None

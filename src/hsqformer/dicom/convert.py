@@ -44,6 +44,7 @@ from hsqformer.dicom.pixels import decode_frame, frame_count, parse_frame_list, 
 from hsqformer.dicom.reader import NotAnImage, Rejected, read_dicom
 from hsqformer.dicom.text_masking import TextDetector, TextRules, black_out, confirmed_text_boxes
 from hsqformer.errors import HSQformerError
+from hsqformer.training.files import atomic_path, write_rows
 
 MANIFEST_COLUMNS = ("path", "label", "patient_id", "center")
 REPORT_COLUMNS = ("path", "frame", "height", "width", "bit_depth", "cropped", "masked_regions", "masked_fraction")
@@ -219,32 +220,18 @@ def _convert_frame(ds: Dataset, index: int, target: Path, options: ConvertOption
 
 
 def _write_png(image: np.ndarray, target: Path, compression: int, overwrite: bool = False) -> None:
-    """Write via a temporary file and rename, so a failure never leaves a partial PNG.
-
-    Without ``overwrite`` the PNG is linked into place, which fails if the name exists:
-    creating it is atomic, with no window between a check and the write.
-    """
+    """Write atomically (a failure never leaves a partial PNG); without ``overwrite`` never over an
+    existing file, with no window between a check and the write."""
     if image.ndim == 3:
         image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
     ok, encoded = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, compression])
     if not ok:
         raise Rejected("PNG encoding failed")
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(encoded.tobytes())
     try:
-        if overwrite:
-            os.replace(tmp, target)
-            return
-        try:
-            os.link(tmp, target)
-        except FileExistsError:
-            raise Rejected(f"output {IMAGE_DIR}/{target.name} already exists (use --overwrite to replace it)") from None
-        except OSError:  # a file system without hard links: the check before the write has to do
-            if target.exists():
-                raise Rejected(f"output {IMAGE_DIR}/{target.name} already exists (use --overwrite to replace it)") from None
-            os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+        with atomic_path(target, exclusive=not overwrite) as tmp:
+            tmp.write_bytes(encoded.tobytes())
+    except FileExistsError:
+        raise Rejected(f"output {IMAGE_DIR}/{target.name} already exists (use --overwrite to replace it)") from None
 
 
 def _worker_convert(group: list[tuple[str, str]], out_dir: str, options: ConvertOptions) -> list[FileResult]:
@@ -337,14 +324,14 @@ def convert_tree(
     written = {i.path for i in images}
     for stale in earlier - written:  # --overwrite: PNGs of the replaced manifest that this run did not write
         (out_dir / stale).unlink(missing_ok=True)
-    _write_csv(out_dir / "manifest.csv", MANIFEST_COLUMNS, [asdict(i) for i in images])
-    _write_csv(
+    write_rows(out_dir / "manifest.csv", MANIFEST_COLUMNS, [asdict(i) for i in images])
+    write_rows(
         out_dir / "report.csv",
         REPORT_COLUMNS,
         [{**asdict(i), "cropped": int(i.cropped), "masked_fraction": f"{i.masked_fraction:.6f}"} for i in images],
     )
     failed = [r for r in results if r.error]
-    _write_csv(out_dir / "errors.csv", ERROR_COLUMNS, [{"input": r.input_id, "reason": r.error} for r in failed])
+    write_rows(out_dir / "errors.csv", ERROR_COLUMNS, [{"input": r.input_id, "reason": r.error} for r in failed])
     if key_file is not None:
         _write_key_file(key_file, options.salt, images, failed)
     return Summary(
@@ -444,15 +431,6 @@ def _run(
             raise
 
 
-def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-
-
 def _write_key_file(path: Path, salt: str, images: list[ImageRecord], failed: list[FileResult]) -> None:
     """The key (salt, inputs, UIDs, patient ids): created readable by its owner only (0600), atomically."""
     entries = [
@@ -468,15 +446,7 @@ def _write_key_file(path: Path, salt: str, images: list[ImageRecord], failed: li
     ]
     errors = [{"input": r.input_id, "source": r.source, "reason": r.error} for r in failed]
     text = json.dumps({"salt": salt, "images": entries, "failed": errors}, indent=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o600)  # whatever the umask
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path, mode=0o600) as tmp, tmp.open("w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
