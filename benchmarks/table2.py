@@ -10,6 +10,16 @@ Each config of the preset is trained with ``hsqformer cv`` into ``benchmarks/run
 patient-level folds; then ``hsqformer compare`` (with the shortcut floor as one more model and the
 first config as reference) writes ``benchmarks/results/compare_NAME/`` (report.md, figures, JSON).
 
+With ``--tune-trials N`` every model first gets the same tuning budget (Table 2's fairness rule): ``hsqformer
+tune`` runs N trials of the preset's search space (configs/tune/PRESET.yaml: learning rate, backbone rate, weight
+decay, drop path, mixup on/off; patient-level CV AUC on the training data only, never a test cohort) into
+``benchmarks/runs/table2_NAME_tunedN/tune/<key>/``; then each model's final cross-validation runs with its best
+recipe (``best.yaml``), test cohorts included, into ``benchmarks/runs/table2_NAME_tunedN/<key>/``, and compare
+writes ``benchmarks/results/compare_NAME_tunedN/``. Without the flag each config runs with its own fixed recipe.
+
+    .venv/bin/python benchmarks/table2.py --preset cpu --data ../shared/data/liver-sysu --name liver-sysu_cpu \
+        --only hsqformer_s,lite0,lite1 --tune-trials 8
+
 Presets:
 - ``cpu``: HSQformer-S of configs/cpu.yaml against EfficientNet-Lite0/1/2 alone, each with a learning
   rate of its own (configs/cpu_baselines/). About 2 hours on a 2-core CPU with native bf16 (HSQformer-S
@@ -27,6 +37,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+SPACES = {"cpu": "configs/tune/cpu.yaml", "paper": "configs/tune/paper.yaml"}
 PRESETS = {
     "cpu": {
         "hsqformer_s": "configs/cpu.yaml",
@@ -57,28 +68,39 @@ def main() -> None:
     parser.add_argument("--name", required=True, help="names the run folder and the report")
     parser.add_argument("--only", help="comma-separated config keys to train (default: all of the preset)")
     parser.add_argument("--target-sensitivity", type=float, default=None)
+    parser.add_argument("--tune-trials", type=int, default=None,
+                        help="tune every model with this many trials of the preset's space, then train its best recipe")
     args = parser.parse_args()
+    if args.tune_trials is not None and args.tune_trials < 1:
+        sys.exit(f"error: --tune-trials must be at least 1, got {args.tune_trials}")
 
     configs = PRESETS[args.preset]
     keys = [k.strip() for k in args.only.split(",")] if args.only else list(configs)
     unknown = [k for k in keys if k not in configs]
     if unknown:
         sys.exit(f"error: --only: unknown key {unknown[0]} (preset {args.preset}: {', '.join(configs)})")
-    runs = HERE / "runs" / f"table2_{args.name}"
+    name = args.name if args.tune_trials is None else f"{args.name}_tuned{args.tune_trials}"
+    runs = HERE / "runs" / f"table2_{name}"
     for key in keys:
         out = runs / key
         if (out / "metrics.json").is_file():
             print(f"{key}: finished earlier, reused", flush=True)
             continue
+        config = configs[key]
+        if args.tune_trials is not None:  # equal budget: the same number of trials of the same space for every model
+            search = runs / "tune" / key
+            hsqformer("tune", "--config", config, "--space", SPACES[args.preset], "--trials", str(args.tune_trials),
+                      "--data", args.data, "--out", str(search))
+            config = str(search / "best.yaml")
         if (out / "run.json").is_file():
             hsqformer("cv", "--out", str(out), "--resume")
         else:
             tests = [item for test in args.test for item in ("--test", test)]
-            hsqformer("cv", "--config", configs[key], "--data", args.data, *tests, "--out", str(out))
+            hsqformer("cv", "--config", config, "--data", args.data, *tests, "--out", str(out))
     finished = [str(runs / key) for key in configs if (runs / key / "metrics.json").is_file()]
     if not finished:
         sys.exit("error: no finished run to compare")
-    report = HERE / "results" / f"compare_{args.name}"
+    report = HERE / "results" / f"compare_{name}"
     extra = ["--target-sensitivity", str(args.target_sensitivity)] if args.target_sensitivity else []
     hsqformer("compare", *finished, "--floor", "--out", str(report), "--overwrite", *extra)
 
