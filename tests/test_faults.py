@@ -437,12 +437,12 @@ def test_an_image_spoilt_after_the_check_stops_in_one_line_and_keeps_the_finishe
     real_train_fold = engine.train_fold
     spoilt: list[str] = []
 
-    def spoil_before_fold_1(k, inputs, fold_dir, train_rows, val_rows, precision=None):
+    def spoil_before_fold_1(k, inputs, fold_dir, train_rows, val_rows, *rest):
         if k == 1:  # after the check and after fold 0, an image that fold 1 validates on is cut short
             victim = inputs.frame["path"].iloc[val_rows[0]]
             truncated_copy(Path(victim), Path(victim))
             spoilt.append(victim)
-        return real_train_fold(k, inputs, fold_dir, train_rows, val_rows, precision)
+        return real_train_fold(k, inputs, fold_dir, train_rows, val_rows, *rest)
 
     monkeypatch.setattr(engine, "train_fold", spoil_before_fold_1)
     tiny = ["--set", "model.name=test_resnet", "--set", "model.kwargs={}", "--set", "model.pretrained=false"]

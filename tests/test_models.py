@@ -193,7 +193,7 @@ def test_hsqformer_pretrained_has_no_published_weights():
 
 def test_hub_only_backbone_fails_fast_with_how_to(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(HSQformerError, match="pass the file's path") as err:
+    with pytest.raises(HSQformerError, match="pass the weights as a local file instead of true") as err:
         create_backbone("convnext_atto", pretrained=True)
     assert "\n" not in str(err.value)
 
