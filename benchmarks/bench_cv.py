@@ -41,7 +41,7 @@ from hsqformer.errors import HSQformerError  # noqa: E402
 from hsqformer.evaluation.report import comparison_tables, fold_table  # noqa: E402
 from hsqformer.training.config import Config, config_from_dict, config_to_dict, load_config  # noqa: E402
 from hsqformer.training.engine import DONE_FILE, RUN_FILE, parse_tests, run_cv  # noqa: E402
-from hsqformer.training.files import write_csv, write_text  # noqa: E402
+from hsqformer.files import write_csv, write_text  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 BACKBONE_RECIPE_KEYS = ("drop_rate", "drop_path_rate")

@@ -464,7 +464,7 @@ def tiny_run(tmp_path_factory) -> Path:
     """A finished two-fold run of a tiny timm model (untrained: predict only has to run)."""
     from hsqformer.checkpoint import create_model, save_checkpoint
     from hsqformer.training.config import config_to_dict
-    from hsqformer.training.files import write_json, write_yaml
+    from hsqformer.files import write_json, write_yaml
     from hsqformer.training.transforms import preprocess_config
 
     out = tmp_path_factory.mktemp("tiny") / "run"
@@ -580,7 +580,7 @@ def test_the_metrics_log_survives_a_crash_while_its_header_is_rewritten(tmp_path
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed mid-rewrite")
 
-    monkeypatch.setattr("hsqformer.training.files.os.replace", crash)
+    monkeypatch.setattr("hsqformer.files.os.replace", crash)
     with pytest.raises(KeyboardInterrupt):
         two_epochs(DurableCSVLogger(tmp_path / "killed", name="logs"))
     log = tmp_path / "killed" / "logs" / "version_0" / "metrics.csv"

@@ -18,7 +18,7 @@ from hsqformer.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from hsqformer.data import load_image
 from hsqformer.errors import HSQformerError
 from hsqformer.training.config import Config, config_to_dict, load_config
-from hsqformer.training.files import atomic_path, write_json, write_text
+from hsqformer.files import atomic_path, write_json, write_text
 from hsqformer.training.modeling import build_model
 from hsqformer.training.module import ClassifierModule, ExportBest
 from hsqformer.training.transforms import build_mixup, eval_transform, preprocess_config, train_transform

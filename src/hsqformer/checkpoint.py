@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from hsqformer.errors import HSQformerError
-from hsqformer.training.files import atomic_path, read_format_json, write_json
+from hsqformer.files import atomic_path, read_format_json, write_json
 
 WEIGHTS_NAME = "model.safetensors"
 META_NAME = "model.json"

@@ -35,7 +35,7 @@ from typing import Any
 
 from hsqformer import sample_data
 from hsqformer.errors import HSQformerError
-from hsqformer.training.files import write_json
+from hsqformer.files import write_json
 
 DEMO_FORMAT = "hsqformer-demo/1"
 DEMO_FILE = "demo.json"

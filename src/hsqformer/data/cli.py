@@ -30,7 +30,7 @@ def register(app: typer.Typer) -> None:
         """Audit datasets: counts per class and center, exact duplicate images, patient ids
         shared across sets, and the shortcut floor (AUC from image size and grey histogram alone)."""
         from hsqformer.data.audit import run_audit
-        from hsqformer.training.files import write_json, write_text
+        from hsqformer.files import write_json, write_text
 
         targets = [(flag, path) for flag, path in (("--out", out), ("--json", json_path)) if path is not None]
         if out is not None and json_path is not None and out.resolve() == json_path.resolve():

@@ -385,7 +385,7 @@ def _lay_out(entry: DatasetEntry, staging: Path, target: Path) -> dict[str, int]
     import pandas as pd
 
     from hsqformer.data.manifest import MANIFEST_COLUMNS, MANIFEST_NAME
-    from hsqformer.training.files import write_csv
+    from hsqformer.files import write_csv
 
     try:
         rows = build_manifest(staging, entry.layout)
@@ -425,7 +425,7 @@ def _write_provenance(
 ) -> None:
     from importlib.metadata import version
 
-    from hsqformer.training.files import write_json
+    from hsqformer.files import write_json
 
     files = []
     for remote, path, digest in archives:

@@ -100,7 +100,7 @@ def folds_table(frame: pd.DataFrame, folds: Sequence[Fold]) -> pd.DataFrame:
 def save_folds(frame: pd.DataFrame, folds: Sequence[Fold], path: str | Path) -> Path:
     """Write ``folds_table`` as CSV to a new file (never over an existing one), after a leakage check."""
     check_no_leakage(frame, folds)
-    from hsqformer.training.files import write_csv
+    from hsqformer.files import write_csv
 
     try:
         return write_csv(path, folds_table(frame, folds), exclusive=True)

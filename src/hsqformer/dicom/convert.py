@@ -44,7 +44,7 @@ from hsqformer.dicom.pixels import decode_frame, frame_count, parse_frame_list, 
 from hsqformer.dicom.reader import NotAnImage, Rejected, read_dicom
 from hsqformer.dicom.text_masking import TextDetector, TextRules, black_out, confirmed_text_boxes
 from hsqformer.errors import HSQformerError
-from hsqformer.training.files import atomic_path, write_rows
+from hsqformer.files import atomic_path, write_rows
 
 MANIFEST_COLUMNS = ("path", "label", "patient_id", "center")
 REPORT_COLUMNS = ("path", "frame", "height", "width", "bit_depth", "cropped", "masked_regions", "masked_fraction")

@@ -57,7 +57,7 @@ class RunScores:
 
 def load_run(path: str | Path, name: str | None = None) -> RunScores:
     """Read a finished ``hsqformer cv`` run folder's predictions; one-line errors for anything missing."""
-    from hsqformer.training.files import read_format_json
+    from hsqformer.files import read_format_json
 
     path = Path(path)
     run = read_format_json(

@@ -9,7 +9,7 @@ from typing import Any
 from hsqformer.evaluation import figures
 from hsqformer.evaluation.compare import REPORT_FORMAT, VALIDATION, RunScores, per_image_table
 from hsqformer.evaluation.statistics import COUNT_METRICS, format_ci, format_p
-from hsqformer.training.files import prepare_report_dir, write_csv, write_json, write_text
+from hsqformer.files import prepare_report_dir, write_csv, write_json, write_text
 
 METRIC_LABELS = {
     "accuracy": "Accuracy",

@@ -11,7 +11,7 @@ import numpy as np
 
 from hsqformer.evaluation import statistics as st
 from hsqformer.evaluation.compare import RunScores
-from hsqformer.training.files import atomic_path
+from hsqformer.files import atomic_path
 
 FPR_GRID = np.linspace(0.0, 1.0, 101)
 BAND_RESAMPLES = 200

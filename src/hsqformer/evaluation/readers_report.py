@@ -12,7 +12,7 @@ import numpy as np
 from hsqformer.evaluation import figures
 from hsqformer.evaluation.readers import ALL_READERS, FORMAT, ReaderStudy, matched_reads_table
 from hsqformer.evaluation.statistics import format_ci, format_p, patient_groups
-from hsqformer.training.files import prepare_report_dir, write_csv, write_json, write_text
+from hsqformer.files import prepare_report_dir, write_csv, write_json, write_text
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">")
 LABELS = {

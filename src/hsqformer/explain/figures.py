@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 from hsqformer.data.images import to_rgb8
 from hsqformer.errors import HSQformerError
 from hsqformer.explain import Explanation
-from hsqformer.training.files import atomic_path
+from hsqformer.files import atomic_path
 
 COLORMAP = "jet"
 METHOD_LABELS = {

@@ -65,7 +65,7 @@ def explain_to_folder(
         save_figure,
         thumbnail,
     )
-    from hsqformer.training.files import prepare_report_dir, write_csv, write_json
+    from hsqformer.files import prepare_report_dir, write_csv, write_json
     from hsqformer.training.inference import find_images, load_ensemble
 
     started = time.perf_counter()

@@ -28,7 +28,7 @@ from hsqformer.errors import HSQformerError
 from hsqformer.evaluation.statistics import format_ci, format_p
 from hsqformer.sweep.grid import Grid, Point
 from hsqformer.sweep.settings import set_arguments
-from hsqformer.training.files import write_csv, write_text
+from hsqformer.files import write_csv, write_text
 
 #: What the figures show: label and how to read it (value, CI) from compare's per-model record.
 METRICS: tuple[tuple[str, Callable[[dict[str, Any]], tuple[float, tuple[float, float]]]], ...] = (

@@ -32,7 +32,7 @@ from hsqformer.sweep.grid import Grid, Point, read_grid
 from hsqformer.sweep.processes import Job, log_tail, run_jobs
 from hsqformer.sweep.settings import check_models, drop_weights, set_arguments
 from hsqformer.training.config import config_to_dict, first_difference, load_config
-from hsqformer.training.files import read_format_json, write_json
+from hsqformer.files import read_format_json, write_json
 
 SWEEP_FORMAT = "hsqformer-sweep/1"
 SWEEP_FILE = "sweep.json"

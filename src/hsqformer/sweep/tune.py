@@ -72,7 +72,7 @@ from hsqformer.sweep.settings import (
     yaml_text,
 )
 from hsqformer.training.config import Config, config_to_dict, first_difference, load_config
-from hsqformer.training.files import read_format_json, write_csv, write_json, write_text
+from hsqformer.files import read_format_json, write_csv, write_json, write_text
 
 TUNE_FORMAT = "hsqformer-tune/1"
 TUNE_FILE = "tune.json"

@@ -84,7 +84,7 @@ def register(app: typer.Typer) -> None:
         ] = False,
     ) -> None:
         """Ensemble inference with the fold models of a cv run: one row per image."""
-        from hsqformer.training.files import write_csv
+        from hsqformer.files import write_csv
         from hsqformer.training.inference import predict_run
 
         if out.exists() and not overwrite:

@@ -14,7 +14,7 @@ from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from hsqformer.training.files import atomic_path
+from hsqformer.files import atomic_path
 
 
 class DurableExperimentWriter(ExperimentWriter):

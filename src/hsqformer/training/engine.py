@@ -49,7 +49,7 @@ from hsqformer.evaluation.metrics import classification_metrics, summarize
 from hsqformer.evaluation.report import run_table
 from hsqformer.hardware import resolve_precision, system_info
 from hsqformer.training.config import Config, config_from_dict, config_to_dict, first_difference, mixup_enabled
-from hsqformer.training.files import read_format_json, write_csv, write_json, write_text, write_yaml
+from hsqformer.files import read_format_json, write_csv, write_json, write_text, write_yaml
 
 RUN_FORMAT = "hsqformer-cv-run/1"
 RUN_FILE = "run.json"
