@@ -23,6 +23,10 @@ COMMAND_MODULES: tuple[str, ...] = (
     "hsqformer.evaluation.cli",
     "hsqformer.evaluation.readers_cli",
     "hsqformer.demo_cli",
+    "hsqformer.export.cli",
+    "hsqformer.sweep.cli",
+    "hsqformer.serve.cli",
+    "hsqformer.explain.cli",
 )
 
 
