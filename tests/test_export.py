@@ -9,11 +9,8 @@ and the refusals: an existing folder, a missing or unfinished run, an unknown fo
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +20,6 @@ import pytest
 import torch
 from onnx import helper, numpy_helper
 
-from hsqformer.cli import main
 from hsqformer.errors import HSQformerError
 from hsqformer.export.onnx import (
     EXPORT_FILE,
@@ -40,24 +36,9 @@ from hsqformer.models.moe import MoE
 from hsqformer.training.inference import ImageFiles, load_ensemble, predict_probabilities, predict_run
 from hsqformer.training.transforms import eval_transform
 from shared_data import DATA, requires_shared_data, sample_images
+from test_cli_cv import run_cli
 
 SAMPLE_IMAGES = sample_images("benign", 3) + sample_images("malignant", 3)
-
-
-def run_cli(*args: object) -> tuple[int, str]:
-    """Run the ``hsqformer`` entry point in this process; returns (exit status, stderr)."""
-    err = io.StringIO()
-    argv = sys.argv
-    sys.argv = ["hsqformer", *map(str, args)]
-    try:
-        with contextlib.redirect_stderr(err):
-            main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
-    finally:
-        sys.argv = argv
-    return code, err.getvalue()
 
 
 def liver_images() -> list[Path]:
