@@ -262,6 +262,13 @@ def test_serve_command_reports_a_bad_run_in_one_line(tmp_path: Path, capsys) -> 
     assert err == f"error: {tmp_path} is not an hsqformer cv run folder (no run.json)"
 
 
+def test_attention_heat_maps_on_a_run_without_query_stages_fail_at_start(baseline_run: Path) -> None:
+    from hsqformer.serve.screening import Screener
+
+    with pytest.raises(HSQformerError, match=r"^--method attention needs an HSQformer with query stages; this run holds"):
+        Screener(baseline_run, "attention", detect_text=False)
+
+
 # ---------------------------------------------------------------------------------------------- in a browser
 
 

@@ -51,6 +51,10 @@ class Screener:
             raise HSQformerError(f"unknown heatmap method '{method}'; choose one of {', '.join(METHODS)}")
         self.card: ModelCard = model_card(run)
         self.ensemble: RunEnsemble = load_ensemble(run)
+        if method == "attention":
+            from hsqformer.explain.attention import attention_stages
+
+            attention_stages(self.ensemble.models[0])  # a run without query stages: one line now, not per image
         self.method = method
         quiet_dicom_log()
         self.detector = None
