@@ -21,7 +21,6 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
@@ -34,23 +33,11 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hsqformer  # noqa: E402,F401  (registers the variants)
-from common import markdown_header  # noqa: E402
+from common import markdown_header, timed  # noqa: E402
 from hsqformer.export.onnx import ProbabilityModel, export_template  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 224
-
-
-def timed(fn: Callable[[], object], repeats: int, warmup: int) -> float:
-    """Median seconds of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def cpu_preset_model() -> torch.nn.Module:

@@ -20,7 +20,6 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import timm
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hsqformer  # noqa: E402,F401  (registers the variants)
-from common import markdown_header  # noqa: E402
+from common import markdown_header, timed  # noqa: E402
 from hsqformer.models.complexity import count_flops  # noqa: E402
 from hsqformer.models.moe import MoE  # noqa: E402
 
@@ -39,18 +38,6 @@ PRECISIONS = ("bf16", "fp32")
 
 def autocast(precision: str):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    """Median seconds of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def matmul_peak(precision: str, n: int = 4096) -> float:

@@ -6,6 +6,8 @@ import os
 import platform
 import shlex
 import sys
+import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from importlib import metadata
 
@@ -63,3 +65,15 @@ def markdown_header(title: str) -> str:
     """A report's title and its machine/versions table."""
     rows = "\n".join(f"| {k} | `{v}` |" for k, v in machine_info().items())
     return f"# {title}\n\n| | |\n|---|---|\n{rows}\n"
+
+
+def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median seconds of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]

@@ -144,23 +144,29 @@ def read_format_json(path: Path, expected_format: str, missing: str) -> dict[str
     return record
 
 
-def prepare_report_dir(out: Path, overwrite: bool, report_format: str, what: str) -> None:
-    """Make ``out`` ready for a report: refuse an existing, non-empty folder unless ``overwrite``, and even
-    then unless its ``report.json`` has ``report_format`` (an earlier report of the same kind, ``what``)."""
-    import shutil
-
+def check_replaceable(out: Path, overwrite: bool, marker: str, expected_format: str, what: str) -> bool:
+    """Whether ``out`` holds an earlier output to replace (True) or nothing (False); one-line errors for an
+    ``out`` that is a file, or a non-empty folder without ``overwrite`` or whose ``marker`` JSON does not have
+    ``expected_format`` (``what`` names that output, e.g. "a compare report"), which is never replaced."""
     if out.exists() and not out.is_dir():
         raise HSQformerError(f"--out {out} exists and is not a folder")
     if not out.exists() or not any(out.iterdir()):
-        return
+        return False
     if not overwrite:
         raise HSQformerError(f"{out} already exists; pass --overwrite to replace it")
     try:
-        earlier = json.loads((out / "report.json").read_text(encoding="utf-8")).get("format")
+        earlier = json.loads((out / marker).read_text(encoding="utf-8")).get("format")
     except (OSError, ValueError, AttributeError):
         earlier = None
-    if earlier != report_format:
-        raise HSQformerError(
-            f"--overwrite: {out} does not hold a {what} (no {report_format} report.json); not deleting it"
-        )
-    shutil.rmtree(out)
+    if earlier != expected_format:
+        raise HSQformerError(f"--overwrite: {out} does not hold {what} (no {expected_format} {marker}); not deleting it")
+    return True
+
+
+def prepare_report_dir(out: Path, overwrite: bool, report_format: str, what: str) -> None:
+    """Make ``out`` ready for a report: empty, or an earlier report of the same kind (its ``report.json`` has
+    ``report_format``) deleted when ``overwrite``; see ``check_replaceable``."""
+    import shutil
+
+    if check_replaceable(out, overwrite, "report.json", report_format, what):
+        shutil.rmtree(out)

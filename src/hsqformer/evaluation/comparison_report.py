@@ -23,7 +23,7 @@ METRIC_LABELS = {
 
 def prepare_out(out: Path, overwrite: bool) -> None:
     """Refuse an existing, non-empty folder unless ``overwrite`` and it holds an earlier comparison."""
-    prepare_report_dir(out, overwrite, REPORT_FORMAT, "compare report")
+    prepare_report_dir(out, overwrite, REPORT_FORMAT, "a compare report")
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:

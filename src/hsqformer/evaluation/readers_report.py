@@ -31,7 +31,7 @@ TABLE3 = (("Accuracy", "accuracy"), ("Precision", "ppv"), ("Recall", "sensitivit
 
 def prepare_out(out: Path, overwrite: bool) -> None:
     """Refuse an existing, non-empty folder unless ``overwrite`` and it holds an earlier readers report."""
-    prepare_report_dir(out, overwrite, FORMAT, "readers report")
+    prepare_report_dir(out, overwrite, FORMAT, "a readers report")
 
 
 def write_report(study: ReaderStudy, report: dict[str, Any], out: Path, seed: int = 0) -> Path:

@@ -78,7 +78,7 @@ def explain_to_folder(
         raise HSQformerError(f"{next(iter(failures.values()))}{more}")
     ensemble = load_ensemble(run)
     what = check_request(ensemble.models, method, target)
-    prepare_report_dir(out, overwrite, REPORT_FORMAT, "explain output")
+    prepare_report_dir(out, overwrite, REPORT_FORMAT, "an explain output")
     report = {
         "format": REPORT_FORMAT,
         "run": str(run),

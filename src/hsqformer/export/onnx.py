@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 
 from hsqformer.errors import HSQformerError
 from hsqformer.models.moe import MoE
-from hsqformer.files import read_format_json, write_json, write_text
+from hsqformer.files import check_replaceable, read_format_json, write_json, write_text
 from hsqformer.training.inference import ImageFiles, RunEnsemble, find_images, load_ensemble, predict_probabilities
 from hsqformer.training.transforms import eval_transform
 
@@ -266,7 +266,7 @@ def export_run(
     existing ``out`` is replaced only with ``overwrite`` and only if it holds an earlier export.
     """
     out = Path(out)
-    check_out(out, overwrite)
+    check_replaceable(out, overwrite, EXPORT_FILE, EXPORT_FORMAT, "an hsqformer ONNX export")
     images = find_images(verify) if verify else []
     run_models = load_ensemble(run)
     template = export_template(run_models.models[0], int(run_models.meta["preprocess"]["img_size"]), opset)
@@ -296,25 +296,8 @@ def export_run(
     return record
 
 
-def check_out(out: Path, overwrite: bool) -> None:
-    """Refuse (one line) an ``out`` that exists and is not empty, unless ``overwrite`` and it holds an
-    earlier export."""
-    if out.exists() and not out.is_dir():
-        raise HSQformerError(f"--out {out} exists and is not a folder")
-    if not out.exists() or not any(out.iterdir()):
-        return
-    if not overwrite:
-        raise HSQformerError(f"{out} already exists; pass --overwrite to replace it")
-    try:
-        read_format_json(out / EXPORT_FILE, EXPORT_FORMAT, "")
-    except HSQformerError:
-        raise HSQformerError(
-            f"--overwrite: {out} does not hold an hsqformer ONNX export (no {EXPORT_FILE}); not deleting it"
-        ) from None
-
-
 def _publish(staging: Path, out: Path) -> None:
-    """Move the finished export ``staging`` to ``out``, replacing an earlier export (``check_out`` allowed it)."""
+    """Move the finished export ``staging`` to ``out``, replacing an earlier export (``check_replaceable`` allowed it)."""
     if out.is_dir() and not any(out.iterdir()):
         out.rmdir()
     if not out.exists():

@@ -28,10 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from hsqformer.errors import HSQformerError
-from hsqformer.sweep.settings import Settings, apply_settings, check_key, comparable, slug, value_label
+from hsqformer.sweep.settings import Settings, apply_settings, check_key, comparable, slug, read_yaml_file, value_label
 from hsqformer.training.config import Config, config_to_dict, first_difference
 
 BASE_NAME = "base"
@@ -92,16 +91,7 @@ class Grid:
 def read_grid(path: str | Path, base: Config) -> Grid:
     """Read and check GRID.yaml against the base config; one-line errors name the file and the point."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise HSQformerError(f"grid file not found: {path}") from None
-    except OSError as err:
-        raise HSQformerError(f"cannot read grid file {path}: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark is not None else ""
-        raise HSQformerError(f"grid file {path}{line}: {getattr(err, 'problem', None) or 'invalid YAML'}") from None
+    raw = read_yaml_file(path, "grid")
     where = f"grid {path}"
     if raw is None:
         raw = {}

@@ -151,3 +151,17 @@ def drop_weights(run: Path) -> int:
         freed += weights.stat().st_size
         weights.unlink()
     return freed
+
+
+def read_yaml_file(path: Path, kind: str) -> Any:
+    """The YAML content of a ``kind`` file ("grid", "space"); one-line errors name the file (and the line)."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise HSQformerError(f"{kind} file not found: {path}") from None
+    except OSError as err:
+        raise HSQformerError(f"cannot read {kind} file {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise HSQformerError(f"{kind} file {path}{line}: {getattr(err, 'problem', None) or 'invalid YAML'}") from None

@@ -67,6 +67,7 @@ from hsqformer.sweep.settings import (
     check_key,
     check_models,
     drop_weights,
+    read_yaml_file,
     set_arguments,
     value_label,
     yaml_text,
@@ -159,16 +160,7 @@ def read_space(path: str | Path, base: Config) -> Space:
     """Read and check SPACE.yaml against the base config: every range end and choice builds a valid config and model."""
     path = Path(path)
     where = f"space {path}"
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise HSQformerError(f"space file not found: {path}") from None
-    except OSError as err:
-        raise HSQformerError(f"cannot read space file {path}: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark is not None else ""
-        raise HSQformerError(f"space file {path}{line}: {getattr(err, 'problem', None) or 'invalid YAML'}") from None
+    raw = read_yaml_file(path, "space")
     if not isinstance(raw, dict):
         raise HSQformerError(f"{where}: expected a mapping with 'params', got {type(raw).__name__}")
     unknown = [key for key in raw if key not in _SPACE_KEYS]
