@@ -40,7 +40,8 @@ from hsqformer.data.manifest import load_dataset  # noqa: E402
 from hsqformer.errors import HSQformerError  # noqa: E402
 from hsqformer.evaluation.report import comparison_tables, fold_table  # noqa: E402
 from hsqformer.training.config import Config, config_from_dict, config_to_dict, load_config  # noqa: E402
-from hsqformer.training.engine import DONE_FILE, RUN_FILE, parse_tests, run_cv  # noqa: E402
+from hsqformer.training.engine import parse_tests, run_cv  # noqa: E402
+from hsqformer.training.run_folder import DONE_FILE, RUN_FILE  # noqa: E402
 from hsqformer.files import write_csv, write_text  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

@@ -8,7 +8,9 @@ Run from the repository root, e.g.:
 Each config of the preset is trained with ``hsqformer cv`` into ``benchmarks/runs/table2_NAME/<key>/``
 (git-ignored; an interrupted run is resumed, a finished one reused), all on the data's seeded
 patient-level folds; then ``hsqformer compare`` (with the shortcut floor as one more model and the
-first config as reference) writes ``benchmarks/results/compare_NAME/`` (report.md, figures, JSON).
+first config as reference) writes ``benchmarks/results/compare_NAME/`` (report.md, figures, JSON), and
+``benchmarks/results/compare_NAME.md`` gathers the machine, each model's training time and that report
+(``--notes FILE`` adds hand-written remarks, e.g. the verdict, under the header).
 
 With ``--tune-trials N`` every model first gets the same tuning budget (Table 2's fairness rule): ``hsqformer
 tune`` runs N trials of the preset's search space (configs/tune/PRESET.yaml: learning rate, backbone rate, weight
@@ -31,9 +33,12 @@ Presets:
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
+
+from common import markdown_header
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -70,9 +75,14 @@ def main() -> None:
     parser.add_argument("--target-sensitivity", type=float, default=None)
     parser.add_argument("--tune-trials", type=int, default=None,
                         help="tune every model with this many trials of the preset's space, then train its best recipe")
+    parser.add_argument("--notes", type=Path, help="markdown file whose text goes into the summary, under its header")
     args = parser.parse_args()
     if args.tune_trials is not None and args.tune_trials < 1:
         sys.exit(f"error: --tune-trials must be at least 1, got {args.tune_trials}")
+    try:
+        notes = args.notes.read_text(encoding="utf-8").strip() if args.notes else None
+    except (OSError, UnicodeDecodeError) as err:
+        sys.exit(f"error: --notes {args.notes}: cannot read ({err.__class__.__name__})")
 
     configs = PRESETS[args.preset]
     keys = [k.strip() for k in args.only.split(",")] if args.only else list(configs)
@@ -103,6 +113,47 @@ def main() -> None:
     report = HERE / "results" / f"compare_{name}"
     extra = ["--target-sensitivity", str(args.target_sensitivity)] if args.target_sensitivity else []
     hsqformer("compare", *finished, "--floor", "--out", str(report), "--overwrite", *extra)
+    summary = report.with_suffix(".md")
+    summary.write_text(summarize(args, name, configs, runs, report, notes), encoding="utf-8")
+    print(f"summary: {summary.relative_to(REPO)}", flush=True)
+
+
+def training_minutes(run: Path) -> tuple[float, int]:
+    """Training wall time of a finished run (sum over folds, minutes) and how many folds were resumed."""
+    done = [json.loads(path.read_text(encoding="utf-8")) for path in sorted(run.glob("fold_*/done.json"))]
+    resumed = sum(1 for d in done if d.get("resumed_from_epoch") is not None)
+    return sum(d.get("wall_seconds", 0.0) for d in done) / 60, resumed
+
+
+def summarize(
+    args: argparse.Namespace, name: str, configs: dict[str, str], runs: Path, report: Path, notes: str | None
+) -> str:
+    """The benchmark's summary page: machine, runs, training times, then compare's report with its figures."""
+    rows = []
+    for key, config in configs.items():
+        run = runs / key
+        if not (run / "metrics.json").is_file():
+            rows.append(f"| {key} | `{config}` | not run | |")
+            continue
+        minutes, resumed = training_minutes(run)
+        note = f" ({resumed} fold(s) resumed: time after resuming only)" if resumed else ""
+        rows.append(f"| {key} | `{config}` | {minutes:.1f} min{note} | `{run.relative_to(REPO)}` |")
+    body = (report / "report.md").read_text(encoding="utf-8")
+    body = body.replace("](", f"]({report.name}/").replace("\n# ", "\n## ")  # figures live in the report folder
+    return "\n".join([
+        markdown_header(f"Table 2 on {name}: preset {args.preset}, paired comparison"),
+        *(["## Verdict (written by hand)", "", notes, ""] if notes else []),
+        "## Runs",
+        "",
+        f"Data `{args.data}`; every run on the same seeded patient-level folds; compare's report, figures and "
+        f"JSON in `{report.relative_to(REPO)}/`.",
+        "",
+        "| key | config | training time (sum over folds) | run folder (git-ignored) |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+        body,
+    ])
 
 
 if __name__ == "__main__":

@@ -353,6 +353,10 @@ def test_original_checkpoints_load_strictly_and_give_the_same_logits(family, tmp
     load_pretrained(two_class, tmp_path / f"{name}.safetensors", name)
     body = {k: v for k, v in two_class.state_dict().items() if not k.startswith("head.")}
     assert all(torch.equal(v, ours[k]) for k, v in body.items())
+    # training's loader (model.pretrained: FILE) also takes the original release's file as it is
+    from_release = build(num_classes=2)
+    load_pretrained(from_release, path, name)
+    assert all(torch.equal(v, ours[k]) for k, v in from_release.state_dict().items() if not k.startswith("head."))
     # a file already in our layout passes the filter unchanged
     assert module.checkpoint_filter_fn(ours, fresh).keys() == ours.keys()
 

@@ -32,7 +32,7 @@ from hsqformer.data import check_images, load_dataset
 from hsqformer.dicom.convert import ConvertOptions, convert_tree
 from hsqformer.errors import HSQformerError
 from hsqformer.data.audit import run_audit
-from hsqformer.training import engine
+from hsqformer.training import engine, run_folder
 from hsqformer.training.config import load_config
 
 LIVER = DATA / "liver-sysu"
@@ -267,16 +267,16 @@ def test_overwrite_deletes_only_folders_that_are_runs_and_nothing_more(tmp_path)
     run = tmp_path / "run"
     (run / "fold_0" / "logs" / "version_0").mkdir(parents=True)
     (run / "fold_0" / "lightning").mkdir()
-    (run / "run.json").write_text(json.dumps({"format": engine.RUN_FORMAT}))
+    (run / "run.json").write_text(json.dumps({"format": run_folder.RUN_FORMAT}))
     for name in ("config.yaml", "splits.csv", ".metrics.json.x1y2.tmp", "fold_0/done.json", "fold_0/model.json",
                  "fold_0/logs/version_0/metrics.csv", "fold_0/lightning/last.ckpt"):
         (run / name).write_text("x")
-    engine._check_run_dir(run, overwrite=True, resume=False)  # a run folder: may be replaced
+    run_folder.check_run_dir(run, overwrite=True, resume=False)  # a run folder: may be replaced
 
     def refused(change) -> str:
         with pytest.raises(HSQformerError) as info:
             change()
-            engine._check_run_dir(run, overwrite=True, resume=False)
+            run_folder.check_run_dir(run, overwrite=True, resume=False)
         return str(info.value)
 
     assert "notes.txt is not something hsqformer cv writes; not deleting" in refused(lambda: (run / "notes.txt").write_text("mine"))
@@ -288,7 +288,7 @@ def test_overwrite_deletes_only_folders_that_are_runs_and_nothing_more(tmp_path)
     assert "not an hsqformer-cv-run/1 file" in refused(lambda: (run / "run.json").write_text('{"format": "other"}'))
     assert "cannot read" in refused(lambda: (run / "run.json").write_text("{not json"))
 
-    (run / "run.json").write_text(json.dumps({"format": engine.RUN_FORMAT}))
+    (run / "run.json").write_text(json.dumps({"format": run_folder.RUN_FORMAT}))
     (run / "thesis.docx").write_text("mine")
     before = snapshot(run)
     code, err = run_cli("cv", "--config", SMOKE, "--data", tmp_path / "any", "--out", run, "--overwrite")
@@ -371,7 +371,7 @@ def test_sigterm_mid_training_exits_143_and_the_run_can_resume(tmp_path, data_di
 
     # What --resume checks first passes although run.json holds the resolved data path and
     # splits.csv the symlinked one; the images keep the names they were given.
-    cfg, data, tests = engine.resume_request(out)
+    cfg, data, tests = run_folder.resume_request(out)
     assert data == str(data_dir.resolve())
     inputs = engine.prepare_inputs(cfg, data, tests)
     engine._check_same_run(out, inputs)
@@ -470,7 +470,7 @@ def tiny_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny") / "run"
     cfg = load_config(SMOKE, ["model.name=test_resnet", "model.kwargs={}", "model.pretrained=false"])
     write_yaml(out / "config.yaml", config_to_dict(cfg))
-    write_json(out / "run.json", {"format": engine.RUN_FORMAT, "data": "x", "tests": {}, "classes": ["benign", "malignant"]})
+    write_json(out / "run.json", {"format": run_folder.RUN_FORMAT, "data": "x", "tests": {}, "classes": ["benign", "malignant"]})
     for k in range(cfg.cv.n_folds):
         torch.manual_seed(k)
         model = create_model("test_resnet", 2)

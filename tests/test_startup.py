@@ -65,3 +65,15 @@ def test_version_prints_the_package_version_without_torch() -> None:
     lines = result.stdout.strip().splitlines()
     assert lines[0].startswith(f"hsqformer {version('hsqformer')}")
     assert lines[-1] == "[]"
+
+
+def test_reading_a_run_folder_needs_neither_torch_nor_the_engine(smoke_run) -> None:
+    """The run-folder format is a module of its own: inference, compare and sweeps read runs through it."""
+    code = ("from hsqformer.training import run_folder as rf\n"
+            f"cfg, data, tests = rf.resume_request({str(smoke_run)!r})\n"
+            f"assert rf.unfinished_folds({str(smoke_run)!r}, cfg.cv.n_folds) == []\n"
+            "assert 'hsqformer.training.engine' not in sys.modules")
+    assert heavy_after(f"import sys\n{code}") == []
+    inference = python("import sys\nimport hsqformer.training.inference\n"
+                       "print('hsqformer.training.engine' in sys.modules)")
+    assert inference.stdout.strip() == "False"

@@ -330,3 +330,20 @@ def test_plain_model_backbone_is_all_but_its_classifier():
     model, _ = build_model(load_config(CONFIGS / "smoke.yaml", ["model.name=resnet10t", "model.kwargs={}"]), 2)
     head = {id(p) for p in model.get_classifier().parameters()}
     assert backbone_parameters(model) == {id(p) for p in model.parameters()} - head
+
+
+@pytest.mark.parametrize(
+    ("name", "new"),
+    [
+        ("tf_efficientnet_lite0", {"classifier"}),  # conv_head joins the last block group (timm's MATCH_PREV_GROUP)
+        ("convnext_atto", {"head.norm", "head.fc"}),  # the head's norm too, as in timm's layer decay
+        ("cswin_tiny_224", {"head.fc"}),  # our CSWin: its final norm belongs to the last stage
+    ],
+)
+def test_the_new_layers_are_what_the_group_matcher_leaves_unmatched(name, new):
+    """timm's convention: the groups name the pretrained body; the unmatched rest (neck, head) is new."""
+    from hsqformer.training.modeling import backbone_parameters
+
+    model, _ = build_model(load_config(CONFIGS / "smoke.yaml", [f"model.name={name}", "model.kwargs={}"]), 2)
+    body = backbone_parameters(model)
+    assert {n.rsplit(".", 1)[0] for n, p in model.named_parameters() if id(p) not in body} == new

@@ -24,6 +24,7 @@ import pandas as pd
 
 from hsqformer.errors import HSQformerError
 from hsqformer.evaluation import statistics as st
+from hsqformer.training.run_folder import METRICS_FILE, PREDICTIONS_FILE, read_run
 
 VALIDATION = "validation"
 PAPER_THRESHOLD = 0.5
@@ -57,20 +58,16 @@ class RunScores:
 
 def load_run(path: str | Path, name: str | None = None) -> RunScores:
     """Read a finished ``hsqformer cv`` run folder's predictions; one-line errors for anything missing."""
-    from hsqformer.files import read_format_json
-
     path = Path(path)
-    run = read_format_json(
-        path / "run.json", "hsqformer-cv-run/1", f"{path} is not an hsqformer cv run folder (no run.json)"
-    )
-    metrics_file = path / "metrics.json"
+    run = read_run(path)
+    metrics_file = path / METRICS_FILE
     if not metrics_file.is_file():
         raise HSQformerError(f"run {path} is unfinished (no metrics.json); finish it with hsqformer cv --resume")
     try:
         metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise HSQformerError(f"run {path}: cannot read metrics.json ({err.__class__.__name__})") from None
-    predictions = path / "predictions.csv"
+    predictions = path / PREDICTIONS_FILE
     if not predictions.is_file():
         raise HSQformerError(f"run {path} has no predictions.csv")
     try:

@@ -20,6 +20,7 @@ import importlib
 import logging
 import os
 import socket
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -70,9 +71,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise HSQformerError(f"{path}: cannot read weights ({type(err).__name__}: {err})") from None
-    for key in ("state_dict", "model", "model_ema"):
+    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):  # a training checkpoint: its EMA weights first
         if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
             state = state[key]
+            break
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise HSQformerError(f"{path}: not a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
@@ -160,6 +162,8 @@ def load_pretrained(model: nn.Module, source: PretrainedSource, model_name: str)
     kwargs = pretrained_kwargs(model_name, source)
     overlay = kwargs.get("pretrained_cfg_overlay", {})
     state = overlay.get("state_dict") or timm.create_model(model_name, pretrained=True).state_dict()
+    if source is not True:
+        state = _original_layout_mapped(state, model)
     own = model.state_dict()
     compatible = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     missing = [k for k in own if k not in compatible]
@@ -172,6 +176,22 @@ def load_pretrained(model: nn.Module, source: PretrainedSource, model_name: str)
     model.load_state_dict(compatible, strict=False)
     if head:
         model.reset_classifier(model.num_classes)
+
+
+def _original_layout_mapped(state: Mapping[str, torch.Tensor], model: nn.Module) -> Mapping[str, torch.Tensor]:
+    """A weights file of the model's original release mapped onto our layout, as timm does when it
+    loads pretrained weights: by the ``checkpoint_filter_fn`` of the model's module, where it has one."""
+    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is None:
+        return state
+    try:
+        return filter_fn(dict(state), model)
+    except HSQformerError:
+        raise
+    except Exception as err:
+        raise HSQformerError(
+            f"pretrained weights for {type(model).__name__}: cannot map them onto the model ({type(err).__name__}: {err})"
+        ) from None
 
 
 def _classifier_prefixes(model: nn.Module) -> list[str]:

@@ -232,6 +232,13 @@ class HSQformer(nn.Module):
         return {"queries"} | {f"projector.{k}.level_embed" for k in self.projector}
 
     @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, str]:
+        """timm's parameter groups: the CNN, then the ViT. The projector, the queries and the
+        head match no group, which timm treats as the last layers ("neck and head"): the new,
+        randomly initialised part that training may give its own learning rate."""
+        return {"cnn": r"^cnn\.", "vit": r"^vit\."}
+
+    @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute activations in the backward pass (backbones, projector, query blocks) to save memory.
 

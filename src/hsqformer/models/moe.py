@@ -93,11 +93,6 @@ class MoE(nn.Module):
         self.aux_loss: torch.Tensor | None = None
         self.register_buffer("load_counts", torch.zeros(n, dtype=torch.long), persistent=False)
 
-    @property
-    def active_experts_per_token(self) -> int:
-        """How many experts run on each token."""
-        return self.top_k
-
     def reset_load_stats(self) -> None:
         """Zero the per-expert token counters."""
         self.load_counts.zero_()

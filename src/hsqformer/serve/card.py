@@ -23,6 +23,7 @@ import yaml
 from hsqformer.errors import HSQformerError
 from hsqformer.evaluation import statistics as st
 from hsqformer.evaluation.compare import VALIDATION, CohortScores, load_run, operating_threshold
+from hsqformer.training.run_folder import CONFIG_FILE, VERSIONS_FILE, read_run
 
 OPERATING_RULE = "Youden's J on the pooled out-of-fold validation predictions"
 
@@ -150,9 +151,9 @@ def model_card(run: str | Path) -> ModelCard:
     """Compute the card of the finished cv run in ``run``; one-line errors for a folder that is not one."""
     run = Path(run)
     scores = load_run(run)
-    record = _read_json(run / "run.json")
-    config = _read_yaml(run / "config.yaml")
-    versions = _read_json(run / "versions.json") if (run / "versions.json").is_file() else {}
+    record = read_run(run)
+    config = _read_yaml(run / CONFIG_FILE)
+    versions = _read_json(run / VERSIONS_FILE) if (run / VERSIONS_FILE).is_file() else {}
     validation = scores.cohorts[VALIDATION]
     truth = _truth(validation, scores.positive_class)
     if truth.all() or not truth.any():

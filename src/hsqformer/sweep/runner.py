@@ -25,14 +25,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from hsqformer.errors import HSQformerError
 from hsqformer.sweep.grid import Grid, Point, read_grid
 from hsqformer.sweep.processes import Job, log_tail, run_jobs
 from hsqformer.sweep.settings import check_models, drop_weights, set_arguments
 from hsqformer.training.config import config_to_dict, first_difference, load_config
-from hsqformer.files import read_format_json, write_json
+from hsqformer.files import write_json
+from hsqformer.training.run_folder import METRICS_FILE, RUN_FILE, read_run, read_saved_config
 
 SWEEP_FORMAT = "hsqformer-sweep/1"
 SWEEP_FILE = "sweep.json"
@@ -40,8 +39,6 @@ POINTS_DIR = "points"
 LOGS_DIR = "logs"
 LOCKS_DIR = "locks"
 REPORT_DIR = "report"
-RUN_FILE = "run.json"  # hsqformer.training.engine.RUN_FILE, without importing torch for --list
-METRICS_FILE = "metrics.json"
 
 
 @dataclass
@@ -111,12 +108,8 @@ def check_points(sweep: Sweep, indices: Sequence[int]) -> None:
         folder = sweep.point_dir(point)
         if not (folder / RUN_FILE).is_file():
             continue
-        run = read_format_json(folder / RUN_FILE, "hsqformer-cv-run/1", f"no {RUN_FILE} in {folder}")
-        try:
-            saved = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as err:
-            raise HSQformerError(f"point '{point.name}': cannot read {folder / 'config.yaml'}: {err}") from None
-        differs = first_difference(saved, config_to_dict(point.config))
+        run = read_run(folder)
+        differs = first_difference(config_to_dict(read_saved_config(folder)), config_to_dict(point.config))
         if differs:
             raise HSQformerError(
                 f"point '{point.name}': {folder} was trained with another config (key '{differs}' differs); "

@@ -398,7 +398,8 @@ class ReportAUC(L.Callback):
 
 def run_trials(search: Search, n_trials: int, worker: int = 0) -> None:
     """Run ``n_trials`` trials of the search in this process."""
-    from hsqformer.training.engine import RUN_FILE, VALIDATION, run_cv
+    from hsqformer.training.engine import VALIDATION, run_cv
+    from hsqformer.training.run_folder import RUN_FILE
 
     study = load_study(search, worker)
     base_raw = config_to_dict(search.base)

@@ -38,7 +38,8 @@ def register(app: typer.Typer) -> None:
         """Patient-level K-fold cross-validation: train each fold, keep its best-AUC model, evaluate all cohorts."""
         from hsqformer.training.config import config_from_dict, config_to_dict, load_config
         from hsqformer.interrupts import Interrupted, interruption_behind
-        from hsqformer.training.engine import RUN_FILE, parse_tests, resume_request, run_cv
+        from hsqformer.training.engine import parse_tests, run_cv
+        from hsqformer.training.run_folder import RUN_FILE, resume_request
 
         tests = parse_tests(test or [])
         if resume:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -31,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from hsqformer.data import (
     UltrasoundDataset,
@@ -47,15 +45,27 @@ from hsqformer.data.manifest import row_origins
 from hsqformer.errors import HSQformerError
 from hsqformer.evaluation.metrics import classification_metrics, summarize
 from hsqformer.evaluation.report import run_table
-from hsqformer.hardware import resolve_precision, system_info
-from hsqformer.training.config import Config, config_from_dict, config_to_dict, first_difference, mixup_enabled
-from hsqformer.files import read_format_json, write_csv, write_json, write_text, write_yaml
+from hsqformer.hardware import resolve_precision
+from hsqformer.training.config import Config, config_to_dict, first_difference, mixup_enabled
+from hsqformer.files import write_csv, write_json, write_text, write_yaml
+from hsqformer.training.run_folder import (
+    CONFIG_FILE,
+    DONE_FILE,
+    METRICS_FILE,
+    PREDICTIONS_FILE,
+    RUN_FILE,
+    RUN_FORMAT,
+    SPLITS_FILE,
+    TABLE_FILE,
+    VERSIONS_FILE,
+    check_only_ours,
+    check_run_dir,
+    fold_path,
+    package_versions,
+    read_run,
+    resume_request,
+)
 
-RUN_FORMAT = "hsqformer-cv-run/1"
-RUN_FILE = "run.json"
-CONFIG_FILE = "config.yaml"
-SPLITS_FILE = "splits.csv"
-DONE_FILE = "done.json"
 VALIDATION = "validation"
 _COHORT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -120,17 +130,6 @@ def prepare_inputs(cfg: Config, data: str | Path, tests: Mapping[str, str | Path
     )
 
 
-def resume_request(out: str | Path) -> tuple[Config, str, dict[str, str]]:
-    """The config, data and test cohorts a run folder was started with (for ``cv --resume``)."""
-    out = Path(out)
-    run = _read_run(out)
-    try:
-        raw = yaml.safe_load((out / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as err:
-        raise HSQformerError(f"cannot read {out / CONFIG_FILE}: {err}") from None
-    return config_from_dict(raw, f" (in {out / CONFIG_FILE})"), run["data"], dict(run["tests"])
-
-
 def run_cv(
     cfg: Config,
     data: str | Path,
@@ -150,7 +149,7 @@ def run_cv(
     started = time.perf_counter()
     out = Path(out)
     if _is_rank_zero():  # other torchrun processes may start after rank 0 has created the folder
-        _check_run_dir(out, overwrite=overwrite, resume=resume)
+        check_run_dir(out, overwrite=overwrite, resume=resume)
     inputs = prepare_inputs(cfg, data, tests)
     precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
     _say(f"precision {precision.precision} ({precision.reason})")
@@ -159,12 +158,12 @@ def run_cv(
     elif _is_rank_zero():
         if out.exists():
             if any(out.iterdir()):
-                _check_only_ours(out)  # again: files may have appeared while the images were checked
-            shutil.rmtree(out)  # _check_run_dir allowed this: an empty folder or a run folder with --overwrite
+                check_only_ours(out)  # again: files may have appeared while the images were checked
+            shutil.rmtree(out)  # check_run_dir allowed this: an empty folder or a run folder with --overwrite
         _start_run_dir(out, inputs, command)
     _barrier()
     for k, (train_rows, val_rows) in enumerate(inputs.folds):
-        fold_dir = out / f"fold_{k}"
+        fold_dir = fold_path(out, k)
         if resume and (fold_dir / DONE_FILE).is_file():
             _say(f"fold {k}: done earlier, skipped")
             continue
@@ -190,12 +189,12 @@ def run_cv(
         return {}
     metrics = aggregate(out, inputs)
     metrics["wall_seconds_this_invocation"] = round(time.perf_counter() - started, 1)
-    write_json(out / "metrics.json", metrics)
+    write_json(out / METRICS_FILE, metrics)
     table = run_table(metrics)
-    write_text(out / "table.md", table)
+    write_text(out / TABLE_FILE, table)
     if _is_rank_zero():
         print(table, file=sys.stderr, flush=True)
-    _say(f"done: {out / 'table.md'} (compare runs with: hsqformer compare {out} OTHER_RUN... --out REPORT_DIR)")
+    _say(f"done: {out / TABLE_FILE} (compare runs with: hsqformer compare {out} OTHER_RUN... --out REPORT_DIR)")
     return metrics
 
 
@@ -379,19 +378,19 @@ def _evaluate_fold(k: int, inputs: CVInputs, fold_dir: Path, val_rows: np.ndarra
         table = _prediction_table(name, part, probs, inputs.classes)
         tables.append(table)
         metrics[name] = classification_metrics(_label_indices(part, inputs.classes), probs, inputs.positive_index)
-    write_csv(fold_dir / "predictions.csv", pd.concat(tables, ignore_index=True))
-    write_json(fold_dir / "metrics.json", {"fold": k, "val_auc_at_export": meta.get("val_auc"), "cohorts": metrics})
+    write_csv(fold_dir / PREDICTIONS_FILE, pd.concat(tables, ignore_index=True))
+    write_json(fold_dir / METRICS_FILE, {"fold": k, "val_auc_at_export": meta.get("val_auc"), "cohorts": metrics})
 
 
 def aggregate(out: Path, inputs: CVInputs) -> dict[str, Any]:
     """Combine the folds' predictions into predictions.csv and the metrics of the whole run."""
     classes, pos = inputs.classes, inputs.positive_index
     k_folds = len(inputs.folds)
-    fold_tables = [_read_predictions(out / f"fold_{k}" / "predictions.csv") for k in range(k_folds)]
+    fold_tables = [_read_predictions(fold_path(out, k) / PREDICTIONS_FILE) for k in range(k_folds)]
     prob_cols = [f"prob_{c}" for c in classes]
     per_fold: list[dict[str, Any]] = []
     for k, table in enumerate(fold_tables):
-        done = json.loads((out / f"fold_{k}" / DONE_FILE).read_text(encoding="utf-8"))
+        done = json.loads((fold_path(out, k) / DONE_FILE).read_text(encoding="utf-8"))
         cohorts = {}
         for name, part in table.groupby("cohort", sort=False):
             cohorts[name] = classification_metrics(
@@ -413,7 +412,7 @@ def aggregate(out: Path, inputs: CVInputs) -> dict[str, Any]:
         mean = probs.mean(axis=0)
         ensemble[name] = classification_metrics(_label_indices(parts[0], classes), mean, pos)
         rows.append(_test_rows(name, parts[0], probs, mean, classes, pos))
-    write_csv(out / "predictions.csv", pd.concat(rows, ignore_index=True))
+    write_csv(out / PREDICTIONS_FILE, pd.concat(rows, ignore_index=True))
     return {
         "model": inputs.cfg.model.name,
         "classes": classes,
@@ -526,83 +525,9 @@ def _train_batch_size(cfg: Config, n_train: int) -> int:
     return size
 
 
-def _check_run_dir(out: Path, *, overwrite: bool, resume: bool) -> None:
-    """Refuse to touch an existing run folder unless asked, and anything that is not a run folder."""
-    if resume and overwrite:
-        raise HSQformerError("--resume and --overwrite exclude each other")
-    if out.exists() and not out.is_dir():
-        raise HSQformerError(f"--out {out} exists and is not a folder")
-    is_run = (out / RUN_FILE).is_file()
-    if resume:
-        if not is_run:
-            raise HSQformerError(f"--resume: {out} is not an hsqformer cv run folder (no {RUN_FILE})")
-        return
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise HSQformerError(
-                f"run folder {out} already exists; pass --overwrite to replace it or --resume to continue it"
-            )
-        if not is_run:
-            raise HSQformerError(f"--overwrite: {out} is not an hsqformer cv run folder (no {RUN_FILE}); not deleting it")
-        _check_only_ours(out)
-
-
-def _check_only_ours(out: Path) -> None:
-    """Refuse (one line) unless ``out`` is one of our run folders and holds nothing else."""
-    try:
-        _read_run(out)  # a run.json of another program (or an unreadable one) does not make a folder ours
-    except HSQformerError as err:
-        raise HSQformerError(f"--overwrite: {err}; not deleting {out}") from None
-    foreign = _foreign_entry(out)
-    if foreign is not None:
-        raise HSQformerError(
-            f"--overwrite: {foreign} is not something hsqformer cv writes; not deleting {out} "
-            "(move it away or choose another --out)"
-        )
-
-
-#: What a run folder holds (see README "The run folder"); ``--overwrite`` deletes nothing else.
-_RUN_TOP_FILES = frozenset(
-    {RUN_FILE, CONFIG_FILE, SPLITS_FILE, "versions.json", "metrics.json", "table.md", "predictions.csv"}
-)
-_RUN_FOLD_FILES = frozenset({"model.safetensors", "model.json", DONE_FILE, "predictions.csv", "metrics.json"})
-_RUN_FOLD_DIRS = frozenset({"logs", "lightning"})  # Lightning's CSV log and last.ckpt
-_FOLD_DIR = re.compile(r"^fold_[0-9]+$")
-
-
-def _is_temporary(name: str) -> bool:
-    """A temporary file of an atomic write that a killed run left behind."""
-    return (name.startswith(".") and name.endswith(".tmp")) or name.endswith(".partial")
-
-
-def _foreign_entry(out: Path) -> Path | None:
-    """The first file or folder in ``out`` that a cv run does not write (symbolic links included), or None."""
-    for entry in sorted(out.iterdir()):
-        if entry.is_symlink():
-            return entry
-        if entry.is_dir() and _FOLD_DIR.match(entry.name):
-            for inner in sorted(entry.iterdir()):
-                if inner.is_symlink():
-                    return inner
-                if inner.is_dir() and inner.name in _RUN_FOLD_DIRS:
-                    for root, dirs, files in os.walk(inner):
-                        for name in sorted(dirs + files):
-                            if Path(root, name).is_symlink():
-                                return Path(root, name)
-                elif not (inner.is_file() and (inner.name in _RUN_FOLD_FILES or _is_temporary(inner.name))):
-                    return inner
-        elif not (entry.is_file() and (entry.name in _RUN_TOP_FILES or _is_temporary(entry.name))):
-            return entry
-    return None
-
-
-def _read_run(out: Path) -> dict[str, Any]:
-    return read_format_json(out / RUN_FILE, RUN_FORMAT, f"{out} is not an hsqformer cv run folder (no {RUN_FILE})")
-
-
 def _check_same_run(out: Path, inputs: CVInputs) -> None:
     """A resumed run must have the config, data, cohorts and splits it started with."""
-    run = _read_run(out)
+    run = read_run(out)
     saved_cfg, saved_data, saved_tests = resume_request(out)
     diff = first_difference(config_to_dict(saved_cfg), config_to_dict(inputs.cfg))
     if diff:
@@ -626,7 +551,7 @@ def _start_run_dir(out: Path, inputs: CVInputs, command: str | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_folds(inputs.frame, inputs.folds, out / SPLITS_FILE)
     write_yaml(out / CONFIG_FILE, config_to_dict(inputs.cfg))
-    write_json(out / "versions.json", package_versions())
+    write_json(out / VERSIONS_FILE, package_versions())
     write_json(
         out / RUN_FILE,
         {
@@ -640,32 +565,6 @@ def _start_run_dir(out: Path, inputs: CVInputs, command: str | None) -> None:
             "n_images": len(inputs.frame),
         },
     )
-
-
-def package_versions() -> dict[str, Any]:
-    """Versions of Python, the key packages and the machine, for reproducibility."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    import torch
-
-    packages = {}
-    for name in ("hsqformer", "torch", "torchvision", "timm", "lightning", "torchmetrics", "numpy", "pandas",
-                 "scikit-learn", "safetensors", "pillow"):
-        try:
-            packages[name] = version(name)
-        except PackageNotFoundError:
-            packages[name] = None
-    return {
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-        "cpu_count": os.cpu_count(),
-        "cuda": torch.version.cuda,
-        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-        "system": system_info(),
-        "packages": packages,
-    }
 
 
 def _is_rank_zero() -> bool:

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from hsqformer.data.images import load_image
 from hsqformer.data.manifest import IMAGE_SUFFIXES, find_unreadable
 from hsqformer.errors import HSQformerError
+from hsqformer.training.run_folder import fold_path, read_run, read_saved_config, unfinished_folds
 
 
 class ImageFiles(Dataset):
@@ -120,16 +121,15 @@ def load_ensemble(run: str | Path) -> RunEnsemble:
     """Load every fold model of a finished ``hsqformer cv`` run; one-line errors for an unfinished or
     inconsistent run."""
     from hsqformer.checkpoint import load_checkpoint
-    from hsqformer.training.engine import DONE_FILE, resume_request
     from hsqformer.training.transforms import eval_transform
 
     run = Path(run)
-    cfg, _, _ = resume_request(run)
-    folds = [run / f"fold_{k}" for k in range(cfg.cv.n_folds)]
-    unfinished = [d.name for d in folds if not (d / DONE_FILE).is_file()]
+    read_run(run)
+    n_folds = read_saved_config(run).cv.n_folds
+    unfinished = unfinished_folds(run, n_folds)
     if unfinished:
         raise HSQformerError(f"run {run} is not finished ({', '.join(unfinished)} missing); resume it first")
-    loaded = [load_checkpoint(d) for d in folds]
+    loaded = [load_checkpoint(fold_path(run, k)) for k in range(n_folds)]
     meta = loaded[0][1]
     for _, other in loaded[1:]:
         if other["preprocess"] != meta["preprocess"] or other["classes"] != meta["classes"]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch.nn as nn
@@ -42,13 +43,23 @@ def build_model(cfg: Config, num_classes: int) -> tuple[nn.Module, dict[str, Any
 
 
 def backbone_parameters(model: nn.Module) -> set[int]:
-    """Ids of the backbone's parameters: HSQformer's CNN and ViT, or all but a plain model's classifier."""
-    from hsqformer.models.hsqformer import HSQformer
+    """Ids of the pretrained body's parameters, as the model describes them.
 
-    if isinstance(model, HSQformer):
-        return {id(p) for part in (model.cnn, model.vit) for p in part.parameters()}
-    head = {id(p) for p in model.get_classifier().parameters()}
-    return {id(p) for p in model.parameters() if id(p) not in head}
+    timm's convention: ``model.group_matcher()`` names the body's groups (stem, stages; HSQformer's
+    CNN and ViT); what no group matches is the neck and head (HSQformer's projector, queries and
+    head; a plain model's classifier, and e.g. ConvNeXt's head norm, as in timm's layer decay), here
+    the new layers. A model without a matcher is all body but its classifier.
+    """
+    if not hasattr(model, "group_matcher"):
+        head = {id(p) for p in model.get_classifier().parameters()}
+        return {id(p) for p in model.parameters() if id(p) not in head}
+    patterns = []
+    for spec in model.group_matcher(coarse=False).values():
+        if spec is None:
+            continue
+        specs = spec if isinstance(spec, (list, tuple)) else [(spec, None)]
+        patterns += [re.compile(pattern) for pattern, _ in specs]
+    return {id(p) for name, p in model.named_parameters() if any(pattern.match(name) for pattern in patterns)}
 
 
 def param_groups(model: nn.Module, weight_decay: float, backbone_lr_scale: float) -> list[dict[str, Any]]:
