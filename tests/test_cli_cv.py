@@ -338,3 +338,31 @@ def test_the_paper_configs_start_from_imagenet_and_say_what_to_do_offline(tmp_pa
     assert line.startswith("error: no offline ImageNet weights for 'convnext_tiny.fb_in1k'"), err[-1500:]
     assert "model.kwargs.pretrained_backbones: [FILE, FILE]" in line
     assert not out.exists()
+
+
+def test_evaluate_scores_the_same_fold_models_on_whole_frames_for_a_paired_comparison(smoke_run, tmp_path):
+    from hsqformer.evaluation.compare import compare_runs, load_run
+
+    before = snapshot(smoke_run)
+    whole = tmp_path / "squash"
+    code, err = run_cli("evaluate", smoke_run, "--out", whole, "--set", "augment.crop_mode=squash")
+    assert code == 0, err[-3000:]
+    assert "hsqformer compare" in last_line(err)
+    assert snapshot(smoke_run) == before  # the original run is only read
+    for k in range(2):
+        fold, source = whole / f"fold_{k}", smoke_run / f"fold_{k}"
+        assert (fold / "model.safetensors").read_bytes() == (source / "model.safetensors").read_bytes()
+        meta, original = (json.loads((d / "model.json").read_text()) for d in (fold, source))
+        assert meta["preprocess"] == {**original["preprocess"], "crop_mode": "squash"}
+    assert yaml.safe_load((whole / "config.yaml").read_text())["augment"]["crop_mode"] == "squash"
+    centre, squashed = load_run(smoke_run), load_run(whole)
+    assert set(centre.cohorts) == set(squashed.cohorts) == {"validation", "held-out"}
+    for cohort in centre.cohorts:  # same images in the same order; liver frames are wider than tall, so scores move
+        assert centre.cohorts[cohort].images == squashed.cohorts[cohort].images
+        assert not np.array_equal(centre.cohorts[cohort].scores, squashed.cohorts[cohort].scores)
+    compare_runs([centre, squashed], n_resamples=100)  # the two runs pair image by image
+
+    assert run_cli("evaluate", smoke_run, "--out", whole, "--set", "augment.crop_mode=border")[0] == 2  # no overwrite
+    code, err = run_cli("evaluate", smoke_run, "--out", tmp_path / "x", "--set", "trainer.epochs=3")
+    assert code == 2 and "'trainer.epochs=3' is not an evaluation setting" in last_line(err)
+    assert not (tmp_path / "x").exists()

@@ -32,7 +32,7 @@ def test_import_and_the_whole_command_line_do_not_import_torch() -> None:
 def test_help_lists_every_command() -> None:
     result = python("import sys; sys.argv = ['hsqformer', '--help']\nfrom hsqformer.cli import main\n"
                      "try:\n    main()\nexcept SystemExit as exit_:\n    assert not exit_.code")
-    for command in ("info", "cv", "predict", "dicom2png", "audit", "compare", "readers", "demo"):
+    for command in ("info", "cv", "evaluate", "predict", "dicom2png", "audit", "compare", "readers", "demo"):
         assert f" {command} " in result.stdout, result.stdout
 
 

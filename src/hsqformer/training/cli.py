@@ -1,4 +1,5 @@
-"""The ``cv`` (cross-validation) and ``predict`` (ensemble inference) commands."""
+"""The ``cv`` (cross-validation), ``evaluate`` (a finished run scored again) and ``predict`` (ensemble
+inference) commands."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from hsqformer.errors import HSQformerError
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``cv`` and ``predict`` to the ``hsqformer`` application."""
+    """Add ``cv``, ``evaluate`` and ``predict`` to the ``hsqformer`` application."""
 
     @app.command("cv")
     def cv(
@@ -67,6 +68,27 @@ def register(app: typer.Typer) -> None:
             else:
                 interruption.hint = f"no run was started in {out}"
             raise interruption from None
+
+    @app.command("evaluate")
+    def evaluate(
+        run: Annotated[Path, typer.Argument(help="A finished cv run folder.")],
+        out: Annotated[Path, typer.Option("--out", help="New run folder for the new evaluation.")],
+        set_: Annotated[
+            list[str],
+            typer.Option("--set", help="Evaluation setting KEY=VALUE: augment.crop_mode (center, squash, border), "
+                         "augment.crop_pct or augment.interpolation."),
+        ],
+        overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier run folder at --out.")] = False,
+    ) -> None:
+        """Score a finished cv run's fold models again with other evaluation preprocessing (e.g. whole frames),
+        into a run folder that hsqformer compare pairs with the original."""
+        from hsqformer.evaluation.report import run_table
+        from hsqformer.training.engine import evaluate_again
+
+        metrics = evaluate_again(run, out, set_, overwrite=overwrite, command=shlex.join(sys.argv))
+        typer.echo(run_table(metrics), err=True)
+        typer.echo(f"[hsqformer evaluate] done: {out} (pair it with the original: hsqformer compare {run} {out} "
+                   "--out REPORT_DIR)", err=True)
 
     @app.command("predict")
     def predict(

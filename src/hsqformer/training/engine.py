@@ -46,7 +46,7 @@ from hsqformer.errors import HSQformerError
 from hsqformer.evaluation.metrics import classification_metrics, summarize
 from hsqformer.evaluation.report import run_table
 from hsqformer.hardware import resolve_precision
-from hsqformer.training.config import Config, config_to_dict, first_difference, mixup_enabled
+from hsqformer.training.config import Config, config_from_dict, config_to_dict, first_difference, mixup_enabled
 from hsqformer.files import write_csv, write_json, write_text, write_yaml
 from hsqformer.training.run_folder import (
     CONFIG_FILE,
@@ -64,6 +64,7 @@ from hsqformer.training.run_folder import (
     package_versions,
     read_run,
     resume_request,
+    unfinished_folds,
 )
 
 VALIDATION = "validation"
@@ -536,15 +537,73 @@ def _check_same_run(out: Path, inputs: CVInputs) -> None:
         raise HSQformerError(f"--resume: data or test cohorts differ from those in {out / RUN_FILE}")
     if run.get("classes") != inputs.classes:
         raise HSQformerError(f"--resume: classes differ from those in {out / RUN_FILE}")
+    _check_same_splits(out, inputs, "--resume")
+
+
+def _check_same_splits(out: Path, inputs: CVInputs, what: str) -> None:
+    """The data's folds must be those of the run in ``out``; its predictions then name the images alike."""
     saved = pd.read_csv(out / SPLITS_FILE, dtype={"path": str}, keep_default_na=False)
     now = folds_table(inputs.frame, inputs.folds)
     # run.json holds the resolved data path, splits.csv the paths as first given (maybe through a
     # symlink): compare the files themselves.
     same_files = [os.path.realpath(p) for p in saved["path"]] == [os.path.realpath(p) for p in now["path"]]
     if not same_files or saved["fold"].tolist() != now["fold"].tolist():
-        raise HSQformerError(f"--resume: the data's folds differ from {out / SPLITS_FILE}")
+        raise HSQformerError(f"{what}: the data's folds differ from {out / SPLITS_FILE}")
     if all(os.path.isfile(p) for p in saved["path"]):
         inputs.frame["path"] = saved["path"].tolist()  # every fold's predictions name the images alike
+
+
+#: The ``augment`` settings that change only how a trained model's inputs are prepared for evaluation.
+EVALUATION_SETTINGS = ("crop_mode", "crop_pct", "interpolation")
+
+
+def evaluate_again(
+    run: str | Path, out: str | Path, overrides: Sequence[str], *, overwrite: bool = False, command: str | None = None
+) -> dict[str, Any]:
+    """Evaluate a finished run's fold models again with other evaluation preprocessing, into a new run folder.
+
+    ``overrides`` (``KEY=VALUE``) may change only the ``augment`` keys of ``EVALUATION_SETTINGS``, e.g. ``augment.crop_mode=squash``
+    to score whole frames instead of their centre. The new folder holds the same weights (hard links
+    where the file system allows) and folds, so ``hsqformer compare`` pairs the two runs image by image.
+    The best epoch of each fold stays the one chosen with the original preprocessing.
+    """
+    from hsqformer.checkpoint import META_NAME, WEIGHTS_NAME, read_meta
+
+    run, out = Path(run), Path(out)
+    allowed = [f"augment.{name}" for name in EVALUATION_SETTINGS]
+    for item in overrides:
+        if item.partition("=")[0].strip() not in allowed:
+            raise HSQformerError(f"evaluate again: '{item}' is not an evaluation setting; only {', '.join(allowed)}")
+    saved_cfg, data, tests = resume_request(run)
+    cfg = config_from_dict(config_to_dict(saved_cfg), overrides=overrides)
+    unfinished = unfinished_folds(run, saved_cfg.cv.n_folds)
+    if unfinished:
+        raise HSQformerError(f"run {run} is not finished ({', '.join(unfinished)} missing); resume it first")
+    if out.resolve() == run.resolve():
+        raise HSQformerError(f"evaluate again: --out {out} is the run itself; choose a new folder")
+    check_run_dir(out, overwrite=overwrite, resume=False)
+    inputs = prepare_inputs(cfg, data, tests)
+    _check_same_splits(run, inputs, f"evaluate again {run}")
+    if out.exists():
+        shutil.rmtree(out)  # check_run_dir allowed this: an empty folder or a run folder with --overwrite
+    _start_run_dir(out, inputs, command)
+    for k, (_, val_rows) in enumerate(inputs.folds):
+        source, fold_dir = fold_path(run, k), fold_path(out, k)
+        fold_dir.mkdir()
+        try:
+            os.link(source / WEIGHTS_NAME, fold_dir / WEIGHTS_NAME)
+        except OSError:
+            shutil.copyfile(source / WEIGHTS_NAME, fold_dir / WEIGHTS_NAME)
+        meta = read_meta(source)
+        meta["preprocess"] = {**meta["preprocess"], **{name: getattr(cfg.augment, name) for name in EVALUATION_SETTINGS}}
+        write_json(fold_dir / META_NAME, meta)
+        _evaluate_fold(k, inputs, fold_dir, val_rows)
+        done = json.loads((source / DONE_FILE).read_text(encoding="utf-8"))
+        write_json(fold_dir / DONE_FILE, {**done, "evaluated_again_from": str(run.resolve())})
+    metrics = aggregate(out, inputs)
+    write_json(out / METRICS_FILE, metrics)
+    write_text(out / TABLE_FILE, run_table(metrics))
+    return metrics
 
 
 def _start_run_dir(out: Path, inputs: CVInputs, command: str | None) -> None:
