@@ -340,6 +340,7 @@ def test_the_paper_configs_start_from_imagenet_and_say_what_to_do_offline(tmp_pa
     assert not out.exists()
 
 
+@requires_shared_data
 def test_evaluate_scores_the_same_fold_models_on_whole_frames_for_a_paired_comparison(smoke_run, tmp_path):
     from hsqformer.evaluation.compare import compare_runs, load_run
 
