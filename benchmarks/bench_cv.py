@@ -35,14 +35,13 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import markdown_header  # noqa: E402
-from hsqformer.data.manifest import load_dataset  # noqa: E402
+from common import keep_labels, markdown_header  # noqa: E402
 from hsqformer.errors import HSQformerError  # noqa: E402
 from hsqformer.evaluation.report import comparison_tables, fold_table  # noqa: E402
 from hsqformer.training.config import Config, config_from_dict, config_to_dict, load_config  # noqa: E402
 from hsqformer.training.engine import parse_tests, run_cv  # noqa: E402
 from hsqformer.training.run_folder import DONE_FILE, RUN_FILE  # noqa: E402
-from hsqformer.files import write_csv, write_text  # noqa: E402
+from hsqformer.files import write_text  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 BACKBONE_RECIPE_KEYS = ("drop_rate", "drop_path_rate")
@@ -75,28 +74,6 @@ def backbone_config(cfg: Config, index: int, name: str, overrides: list[str] | N
 def folder(label: str) -> str:
     """The run folder name of a benchmark row."""
     return label.replace(", ", "_").replace(" ", "_")
-
-
-def keep_labels(data: str, labels: str, runs_dir: Path, overwrite: bool) -> str:
-    """Write the rows of ``data`` whose label is one of ``labels`` as a manifest under ``runs_dir``.
-
-    A manifest already there with other rows (earlier runs were trained on it) is replaced only with
-    ``overwrite``.
-    """
-    frame = load_dataset(data, verify_images=False)
-    wanted = [label.strip() for label in labels.split(",") if label.strip()]
-    missing = [label for label in wanted if label not in set(frame["label"])]
-    if len(wanted) < 2 or missing:
-        raise HSQformerError(f"--labels {labels}: needs two or more labels of {data}"
-                             + (f"; not found: {', '.join(missing)}" if missing else ""))
-    kept = frame[frame["label"].isin(wanted)].reset_index(drop=True)
-    target = runs_dir / "manifest.csv"
-    if target.is_file() and not overwrite:
-        earlier = pd.read_csv(target, dtype=str, keep_default_na=False)
-        if not earlier.equals(kept):
-            raise HSQformerError(f"{target} holds other rows than --labels {labels} selects; rerun with --overwrite")
-        return str(target)
-    return str(write_csv(target, kept))
 
 
 def read_notes(path: Path) -> str:

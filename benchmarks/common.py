@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from importlib import metadata
+from pathlib import Path
 
 
 def _cpu_model() -> str:
@@ -77,3 +78,31 @@ def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
+
+
+def keep_labels(data: str, labels: str, runs_dir: Path, overwrite: bool) -> str:
+    """Write the rows of ``data`` whose label is one of ``labels`` as a manifest under ``runs_dir``.
+
+    A manifest already there with other rows (earlier runs were trained on it) is replaced only with
+    ``overwrite``.
+    """
+    import pandas as pd
+
+    from hsqformer.data.manifest import load_dataset
+    from hsqformer.errors import HSQformerError
+    from hsqformer.files import write_csv
+
+    frame = load_dataset(data, verify_images=False)
+    wanted = [label.strip() for label in labels.split(",") if label.strip()]
+    missing = [label for label in wanted if label not in set(frame["label"])]
+    if len(wanted) < 2 or missing:
+        raise HSQformerError(f"--labels {labels}: needs two or more labels of {data}"
+                             + (f"; not found: {', '.join(missing)}" if missing else ""))
+    kept = frame[frame["label"].isin(wanted)].reset_index(drop=True)
+    target = runs_dir / "manifest.csv"
+    if target.is_file() and not overwrite:
+        earlier = pd.read_csv(target, dtype=str, keep_default_na=False)
+        if not earlier.equals(kept):
+            raise HSQformerError(f"{target} holds other rows than --labels {labels} selects; rerun with --overwrite")
+        return str(target)
+    return str(write_csv(target, kept))

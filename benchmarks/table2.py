@@ -24,8 +24,14 @@ writes ``benchmarks/results/compare_NAME_tunedN/``. Without the flag each config
 
 Presets:
 - ``cpu``: HSQformer-S of configs/cpu.yaml against EfficientNet-Lite0/1/2 alone, each with a learning
-  rate of its own (configs/cpu_baselines/). About 2 hours on a 2-core CPU with native bf16 (HSQformer-S
-  ~75 min, each Lite ~10 min); on a CPU without native bf16 HSQformer-S alone takes several hours.
+  rate of its own (configs/cpu_baselines/). On liver-sysu, 2 cores without native bf16 (fp32): HSQformer-S
+  ~105 min, Lite0 ~25 min (compare_liver-sysu_cpu.md has every model's time).
+
+``--labels`` keeps some classes of the data (written as ``manifest.csv`` in the run folder, which every model
+reads) and ``--set KEY=VALUE`` changes every model's config alike, e.g. busi benign vs malignant, smaller:
+
+    .venv/bin/python benchmarks/table2.py --preset cpu --data ../shared/data/busi --labels benign,malignant \
+        --set augment.img_size=128 --set trainer.epochs=5 --name busi-benign-malignant_cpu
 - ``paper``: HSQformer-B of configs/paper.yaml against the twelve baselines of configs/baselines/
   (GPU; ImageNet weights must be reachable, see the configs' comments).
 """
@@ -38,7 +44,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import markdown_header
+from common import keep_labels, markdown_header
+
+from hsqformer.errors import HSQformerError
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -72,6 +80,9 @@ def main() -> None:
     parser.add_argument("--test", action="append", default=[], help="NAME=DATA test cohort (repeatable)")
     parser.add_argument("--name", required=True, help="names the run folder and the report")
     parser.add_argument("--only", help="comma-separated config keys to train (default: all of the preset)")
+    parser.add_argument("--labels", help="comma-separated labels to keep, e.g. benign,malignant (busi without normal)")
+    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                        help="config override for every model, e.g. trainer.epochs=5 (repeatable)")
     parser.add_argument("--target-sensitivity", type=float, default=None)
     parser.add_argument("--tune-trials", type=int, default=None,
                         help="tune every model with this many trials of the preset's space, then train its best recipe")
@@ -91,6 +102,13 @@ def main() -> None:
         sys.exit(f"error: --only: unknown key {unknown[0]} (preset {args.preset}: {', '.join(configs)})")
     name = args.name if args.tune_trials is None else f"{args.name}_tuned{args.tune_trials}"
     runs = HERE / "runs" / f"table2_{name}"
+    data = args.data
+    if args.labels:
+        try:
+            data = keep_labels(args.data, args.labels, runs, overwrite=False)
+        except HSQformerError as err:
+            sys.exit(f"error: {err}")
+    overrides = [item for setting in args.overrides for item in ("--set", setting)]
     for key in keys:
         out = runs / key
         if (out / "metrics.json").is_file():
@@ -100,13 +118,14 @@ def main() -> None:
         if args.tune_trials is not None:  # equal budget: the same number of trials of the same space for every model
             search = runs / "tune" / key
             hsqformer("tune", "--config", config, "--space", SPACES[args.preset], "--trials", str(args.tune_trials),
-                      "--data", args.data, "--out", str(search))
+                      "--data", data, *overrides, "--out", str(search))
             config = str(search / "best.yaml")
         if (out / "run.json").is_file():
             hsqformer("cv", "--out", str(out), "--resume")
         else:
             tests = [item for test in args.test for item in ("--test", test)]
-            hsqformer("cv", "--config", config, "--data", args.data, *tests, "--out", str(out))
+            tuned = args.tune_trials is not None  # best.yaml already holds the overrides
+            hsqformer("cv", "--config", config, "--data", data, *tests, *([] if tuned else overrides), "--out", str(out))
     finished = [str(runs / key) for key in configs if (runs / key / "metrics.json").is_file()]
     if not finished:
         sys.exit("error: no finished run to compare")
@@ -145,8 +164,10 @@ def summarize(
         *(["## Verdict (written by hand)", "", notes, ""] if notes else []),
         "## Runs",
         "",
-        f"Data `{args.data}`; every run on the same seeded patient-level folds; compare's report, figures and "
-        f"JSON in `{report.relative_to(REPO)}/`.",
+        f"Data `{args.data}`"
+        + (f", labels {args.labels} only" if args.labels else "")
+        + (f"; every model with `{' '.join('--set ' + o for o in args.overrides)}`" if args.overrides else "")
+        + f"; every run on the same seeded folds; compare's report, figures and JSON in `{report.relative_to(REPO)}/`.",
         "",
         "| key | config | training time (sum over folds) | run folder (git-ignored) |",
         "|---|---|---|---|",
