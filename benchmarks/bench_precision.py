@@ -22,23 +22,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import markdown_header, timed  # noqa: E402
+from common import cpu_autocast, markdown_header, matmul_gflops, timed  # noqa: E402
 from hsqformer.hardware import AUTO, resolve_precision  # noqa: E402
 from hsqformer.training.config import load_config  # noqa: E402
 from hsqformer.training.modeling import build_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PRECISIONS = ("fp32", "bf16")
-
-
-def autocast(precision: str):
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def matmul_rate(precision: str, n: int = 1024) -> float:
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    return 2 * n**3 / timed(lambda: a @ b, 5) / 1e9
 
 
 def rates(model: torch.nn.Module, precision: str, img_size: int, batch: int, repeats: int) -> tuple[float, float]:
@@ -48,12 +38,12 @@ def rates(model: torch.nn.Module, precision: str, img_size: int, batch: int, rep
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def infer() -> None:
-        with torch.no_grad(), autocast(precision):
+        with torch.no_grad(), cpu_autocast(precision):
             model(x)
 
     def train() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with autocast(precision):
+        with cpu_autocast(precision):
             loss = F.cross_entropy(model(x).float(), y)
             aux = getattr(model, "aux_loss", None)
             if isinstance(aux, torch.Tensor):
@@ -83,7 +73,7 @@ def main() -> None:
     lines.append(f"\n`precision: auto` here: **{choice.precision}** ({choice.reason}).\n")
     lines.append("## 1024x1024 matmul (GFLOP/s)\n")
     lines.append("| fp32 | bf16 |\n|---|---|")
-    lines.append(f"| {matmul_rate('fp32'):.1f} | {matmul_rate('bf16'):.1f} |")
+    lines.append(f"| {matmul_gflops('fp32', 1024):.1f} | {matmul_gflops('bf16', 1024):.1f} |")
     lines.append(f"\n## CPU preset models, batch {args.batch}, {size}x{size} (images/s, median of {args.repeats})\n")
     lines.append("| model | infer fp32 | infer bf16 | bf16/fp32 | train fp32 | train bf16 | bf16/fp32 |")
     lines.append("|---|---|---|---|---|---|---|")

@@ -29,22 +29,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hsqformer  # noqa: E402,F401  (registers the variants)
-from common import markdown_header, timed  # noqa: E402
+from common import cpu_autocast, markdown_header, matmul_gflops, timed  # noqa: E402
 from hsqformer.models.complexity import count_flops  # noqa: E402
 from hsqformer.models.moe import MoE  # noqa: E402
 
 PRECISIONS = ("bf16", "fp32")
-
-
-def autocast(precision: str):
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def matmul_peak(precision: str, n: int = 4096) -> float:
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    seconds = timed(lambda: a @ b, repeats=5, warmup=2)
-    return 2 * n**3 / seconds / 1e9
 
 
 def inference_rate(model: torch.nn.Module, precision: str, batch: int, repeats: int) -> float:
@@ -52,7 +41,7 @@ def inference_rate(model: torch.nn.Module, precision: str, batch: int, repeats: 
     x = torch.randn(batch, 3, 224, 224)
 
     def step() -> None:
-        with torch.no_grad(), autocast(precision):
+        with torch.no_grad(), cpu_autocast(precision):
             model(x)
 
     return batch / timed(step, repeats)
@@ -66,7 +55,7 @@ def training_rate(model: torch.nn.Module, precision: str, batch: int, repeats: i
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with autocast(precision):
+        with cpu_autocast(precision):
             loss = F.cross_entropy(model(x), y)
             aux = getattr(model, "aux_loss", None)
             if aux is not None:
@@ -82,7 +71,7 @@ def component_times(model, precision: str, batch: int, repeats: int) -> dict[str
     model.eval()
     x = torch.randn(batch, 3, 224, 224)
     out: dict[str, float] = {}
-    with torch.no_grad(), autocast(precision):
+    with torch.no_grad(), cpu_autocast(precision):
         out["cnn"] = timed(lambda: model.cnn(x), repeats)
         out["vit"] = timed(lambda: model.vit(x), repeats)
         cnn_maps, vit_maps = model._pyramid(model.cnn, x), model._pyramid(model.vit, x)
@@ -107,7 +96,7 @@ def moe_times(tokens: int, dim: int, repeats: int) -> dict[str, float]:
     out = {}
     for label, mode, k in (("top-1", "sparse", 1), ("top-2", "sparse", 2), ("dense", "dense", 4)):
         layer = MoE(dim, num_experts=4, top_k=k, mode=mode).eval()
-        with torch.no_grad(), autocast("bf16"):
+        with torch.no_grad(), cpu_autocast("bf16"):
             out[label] = timed(lambda: layer(x), repeats)
     return out
 
@@ -119,7 +108,7 @@ def memory_step(model_name: str, batch: int, grad_checkpointing: bool) -> dict:
     start = time.perf_counter()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x, y = torch.randn(batch, 3, 224, 224), torch.randint(0, 2, (batch,))
-    with autocast("bf16"):
+    with cpu_autocast("bf16"):
         loss = F.cross_entropy(model(x), y) + 0.01 * model.aux_loss
     loss.backward()
     optimizer.step()
@@ -183,7 +172,7 @@ def main() -> None:
 
     common = ["--batch", str(args.batch), "--repeats", str(args.repeats)]
     lines = [markdown_header("CPU speed: HSQformer and its backbones")]
-    peaks = {p: matmul_peak(p) for p in PRECISIONS}
+    peaks = {p: matmul_gflops(p, 4096, warmup=2) for p in PRECISIONS}
     lines.append("## Practical peak (4096x4096 matmul)\n")
     lines += [f"- {p}: {v:.0f} GFLOP/s" for p, v in peaks.items()]
 

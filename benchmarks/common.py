@@ -68,6 +68,22 @@ def markdown_header(title: str) -> str:
     return f"# {title}\n\n| | |\n|---|---|\n{rows}\n"
 
 
+def cpu_autocast(precision: str):
+    """bf16 autocast on the CPU for ``precision == "bf16"``, a no-op context for fp32."""
+    import torch
+
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def matmul_gflops(precision: str, n: int, warmup: int = 1) -> float:
+    """GFLOP/s of one n x n matrix product at ``precision`` (fp32 or bf16): what the CPU can reach."""
+    import torch
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n**3 / timed(lambda: a @ b, repeats=5, warmup=warmup) / 1e9
+
+
 def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     """Median seconds of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
     for _ in range(warmup):

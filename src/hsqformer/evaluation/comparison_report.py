@@ -8,17 +8,8 @@ from typing import Any
 
 from hsqformer.evaluation import figures
 from hsqformer.evaluation.compare import REPORT_FORMAT, VALIDATION, RunScores, per_image_table
-from hsqformer.evaluation.statistics import COUNT_METRICS, format_ci, format_p
+from hsqformer.evaluation.statistics import COUNT_METRICS, METRIC_LABELS, format_ci, format_p
 from hsqformer.files import prepare_report_dir, write_csv, write_json, write_text
-
-METRIC_LABELS = {
-    "accuracy": "Accuracy",
-    "sensitivity": "Sensitivity",
-    "specificity": "Specificity",
-    "ppv": "PPV",
-    "npv": "NPV",
-    "f1": "F1",
-}
 
 
 def prepare_out(out: Path, overwrite: bool) -> None:

@@ -11,19 +11,11 @@ import numpy as np
 
 from hsqformer.evaluation import figures
 from hsqformer.evaluation.readers import ALL_READERS, FORMAT, ReaderStudy, matched_reads_table
-from hsqformer.evaluation.statistics import format_ci, format_p, patient_groups
+from hsqformer.evaluation.statistics import METRIC_LABELS, format_ci, format_p, patient_groups
 from hsqformer.files import prepare_report_dir, write_csv, write_json, write_text
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">")
-LABELS = {
-    "accuracy": "Accuracy",
-    "sensitivity": "Sensitivity",
-    "specificity": "Specificity",
-    "ppv": "PPV",
-    "npv": "NPV",
-    "f1": "F1",
-    "balanced_accuracy": "Balanced acc.",
-}
+LABELS = {**METRIC_LABELS, "balanced_accuracy": "Balanced acc."}
 # Table 3's columns: (label, metric)
 TABLE3 = (("Accuracy", "accuracy"), ("Precision", "ppv"), ("Recall", "sensitivity"), ("F1", "f1"),
           ('"AUC" = balanced accuracy', "balanced_accuracy"))

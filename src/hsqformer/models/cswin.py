@@ -71,10 +71,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, Mlp, calculate_drop_path_rates, trunc_normal_, use_fused_attn
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from hsqformer.errors import HSQformerError
+from hsqformer.models.backbones import build_release_pyramid
 
 __all__ = ["CSWinTransformer", "checkpoint_filter_fn"]
 
@@ -475,22 +475,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: CSWinTra
 
 
 def _create_cswin(variant: str, pretrained: bool = False, **kwargs) -> CSWinTransformer:
-    overlay = kwargs.get("pretrained_cfg_overlay") or {}
-    if pretrained and not any(overlay.get(k) for k in ("file", "state_dict", "url", "hf_hub_id")):
-        raise HSQformerError(
-            f"no ImageNet weights for {variant} on the timm hub: download the original CSWin release file and "
-            f"pass it, e.g. timm.create_model('{variant}', pretrained=True, pretrained_cfg_overlay=dict(file=PATH)) "
-            "(see hsqformer.models.cswin)"
-        )
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_model_with_cfg(
-        CSWinTransformer,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(flatten_sequential=True, out_indices=out_indices),
-        **kwargs,
-    )
+    return build_release_pyramid(CSWinTransformer, variant, pretrained, "CSWin", **kwargs)
 
 
 def _cfg(**kwargs) -> dict:

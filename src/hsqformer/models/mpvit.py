@@ -83,11 +83,11 @@ from timm.layers import (
     calculate_drop_path_rates,
     trunc_normal_,
 )
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
-from hsqformer.errors import HSQformerError
+from hsqformer.models.backbones import build_release_pyramid
 
 __all__ = ["MPViT", "checkpoint_filter_fn"]
 
@@ -472,22 +472,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: MPViT) -
 
 
 def _create_mpvit(variant: str, pretrained: bool = False, **kwargs) -> MPViT:
-    overlay = kwargs.get("pretrained_cfg_overlay") or {}
-    if pretrained and not any(overlay.get(k) for k in ("file", "state_dict", "url", "hf_hub_id")):
-        raise HSQformerError(
-            f"no ImageNet weights for {variant} on the timm hub: download the original MPViT release file and "
-            f"pass it, e.g. timm.create_model('{variant}', pretrained=True, pretrained_cfg_overlay=dict(file=PATH)) "
-            "(see hsqformer.models.mpvit)"
-        )
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_model_with_cfg(
-        MPViT,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(flatten_sequential=True, out_indices=out_indices),
-        **kwargs,
-    )
+    return build_release_pyramid(MPViT, variant, pretrained, "MPViT", **kwargs)
 
 
 def _cfg(**kwargs) -> dict:

@@ -37,7 +37,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from hsqformer.errors import HSQformerError
-from hsqformer.models.backbones import PretrainedSource, pretrained_kwargs
+from hsqformer.models.backbones import PretrainedSource, pretrained_kwargs, weights_given
 
 __all__ = ["ThyNet", "checkpoint_filter_fn"]
 
@@ -174,9 +174,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: ThyNet) 
 def _create_thynet(variant: str, pretrained: bool = False, **kwargs) -> ThyNet:
     if kwargs.pop("features_only", False):
         raise HSQformerError("ThyNet is an ensemble of classifiers and has no single feature pyramid")
-    overlay = kwargs.get("pretrained_cfg_overlay") or {}
-    has_file = any(overlay.get(k) for k in ("file", "state_dict", "url", "hf_hub_id"))
-    if pretrained and not has_file:
+    if pretrained and not weights_given(kwargs):
         # ImageNet-pretrained ThyNet = ImageNet-pretrained members
         kwargs.setdefault("pretrained_backbones", True)
         pretrained = False
