@@ -58,6 +58,14 @@ def offline_weights_path(model_name: str) -> Path | None:
     return path if path.is_file() else None
 
 
+def model_weights(checkpoint: Mapping) -> Mapping:
+    """The model's weights in a training checkpoint (its EMA weights first), or the mapping itself."""
+    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+        if key in checkpoint and isinstance(checkpoint[key], Mapping):
+            return checkpoint[key]
+    return checkpoint
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a weights file without unpickling arbitrary objects."""
     path = Path(path)
@@ -72,10 +80,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise HSQformerError(f"{path}: cannot read weights ({type(err).__name__}: {err})") from None
-    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):  # a training checkpoint: its EMA weights first
-        if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
-            state = state[key]
-            break
+    state = model_weights(state) if isinstance(state, Mapping) else state
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise HSQformerError(f"{path}: not a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}

@@ -74,7 +74,7 @@ from timm.layers import ClassifierHead, DropPath, Mlp, calculate_drop_path_rates
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from hsqformer.models.backbones import build_release_pyramid
+from hsqformer.models.backbones import build_release_pyramid, model_weights
 
 __all__ = ["CSWinTransformer", "checkpoint_filter_fn"]
 
@@ -440,13 +440,6 @@ class CSWinTransformer(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _unwrap(state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
-    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
-        if key in state_dict and isinstance(state_dict[key], Mapping):
-            return state_dict[key]
-    return state_dict
-
-
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: CSWinTransformer) -> dict[str, torch.Tensor]:
     """Rename a checkpoint of the original CSWin repository onto this module's layout.
 
@@ -455,7 +448,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: CSWinTra
     A checkpoint already in this layout passes unchanged (``module.`` prefixes of
     DataParallel checkpoints are removed either way).
     """
-    state_dict = {k.removeprefix("module."): v for k, v in _unwrap(state_dict).items()}
+    state_dict = {k.removeprefix("module."): v for k, v in model_weights(state_dict).items()}
     if "stem.conv.weight" in state_dict:
         return dict(state_dict)
     out = {}

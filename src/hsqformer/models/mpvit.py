@@ -87,7 +87,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
-from hsqformer.models.backbones import build_release_pyramid
+from hsqformer.models.backbones import build_release_pyramid, model_weights
 
 __all__ = ["MPViT", "checkpoint_filter_fn"]
 
@@ -431,13 +431,6 @@ class MPViT(nn.Module):
 _SHARED_COPY = re.compile(r"\.MHCA_layers\.\d+\.(cpe|crpe|factoratt_crpe\.crpe)\.")
 
 
-def _unwrap(state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
-    for key in ("model_ema", "state_dict_ema", "model", "state_dict"):
-        if key in state_dict and isinstance(state_dict[key], Mapping):
-            return state_dict[key]
-    return state_dict
-
-
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: MPViT) -> dict[str, torch.Tensor]:
     """Rename a checkpoint of the original MPViT repository onto this module's layout.
 
@@ -446,7 +439,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: MPViT) -
     Drops the repeated references of the shared CPE/CRPE; a checkpoint already in this
     layout passes unchanged (``module.`` prefixes are removed either way).
     """
-    state_dict = {k.removeprefix("module."): v for k, v in _unwrap(state_dict).items()}
+    state_dict = {k.removeprefix("module."): v for k, v in model_weights(state_dict).items()}
     if any(k.startswith("stages.") for k in state_dict):
         return dict(state_dict)
     out = {}
