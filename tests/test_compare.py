@@ -185,3 +185,28 @@ def test_a_real_run_against_the_shortcut_floor(tmp_path):
     audit = run_audit([splits.drop(columns="fold")], n_folds=2, seed=0, progress=False)
     assert floor["fold_aucs"] == pytest.approx(audit.shortcut_auc.fold_aucs)
     assert 0 <= val["paired"]["shortcut floor"]["delong_p"] <= 1
+
+
+def test_mean_fold_auc_is_compared_within_folds(report_dir, study, tmp_path):
+    report = json.loads((report_dir / "report.json").read_text())
+    stratified = report["cohorts"]["validation"]["fold_stratified"]
+    assert "fold_stratified" not in report["cohorts"]["external"]  # a test cohort is scored by the ensemble
+    assert stratified["n_folds"] == 5
+    for run in report["runs"]:  # Table 2's mean over folds, from metrics.json's fold AUCs
+        assert stratified["models"][run["name"]]["auc"] == pytest.approx(np.mean(run["fold_aucs"]))
+    assert stratified["paired"]["weak"]["delong_significant"] is True
+    assert set(stratified["paired"]) == {"same", "weak"}
+    text = (report_dir / "report.md").read_text()
+    assert "mean of the fold AUCs (within-fold DeLong)" in text and "| weak |" in text
+
+    # a fold with a single positive: the stratified part says why it is missing, the rest of the report stands
+    runs = [load_run(p) for p in study]
+    val = runs[0].cohorts["validation"]
+    positives = [i for i, label in enumerate(val.labels) if label == "malignant"]
+    for run in runs:
+        folds = run.cohorts["validation"].folds.copy()
+        folds[[i for i in positives if folds[i] == 4][1:]] = 3
+        run.cohorts["validation"].folds = folds
+    part = compare_runs(runs, n_resamples=100)["cohorts"]["validation"]
+    assert part["fold_stratified"] == {"skipped": "stratum 4 needs at least two cases of each class"}
+    assert part["paired"]["weak"]["delong_significant"] is True

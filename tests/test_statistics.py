@@ -227,3 +227,42 @@ def test_calibration_error():
     rng = np.random.default_rng(0)
     p = rng.random(20000)
     assert st.calibration(rng.random(20000) < p, p)["ece"] < 0.02
+
+
+def test_stratified_delong_is_the_mean_of_independent_within_stratum_estimates():
+    """Against the pairwise definition per stratum, combined by hand: mean AUC, variance sum / S²."""
+    rng = np.random.default_rng(7)
+    truth = rng.random(150) < 0.4
+    scores = np.stack([rng.normal(size=150) + truth, rng.normal(size=150) + 0.5 * truth])
+    strata = np.arange(150) % 3
+    combined = st.stratified_delong(truth, scores, strata)
+    parts = [slow_delong(truth[strata == s], scores[:, strata == s]) for s in range(3)]
+    np.testing.assert_allclose(combined.aucs, np.mean([aucs for aucs, _ in parts], axis=0))
+    np.testing.assert_allclose(combined.covariance, sum(cov for _, cov in parts) / 9)
+    one = st.stratified_delong(truth, scores, np.zeros(150, int))
+    plain = st.delong(truth, scores)
+    np.testing.assert_allclose(one.aucs, plain.aucs)
+    np.testing.assert_allclose(one.covariance, plain.covariance)
+    one_positive = strata.copy()
+    one_positive[np.flatnonzero(truth & (strata == 2))[1:]] = 0
+    with pytest.raises(ValueError, match="stratum 2 needs at least two cases of each class"):
+        st.stratified_delong(truth, scores, one_positive)
+
+
+def test_stratified_test_ignores_fold_scales_that_bias_the_pooled_test():
+    """Two models of equal discrimination; one model's five fold models shift their scores by a random
+    offset each (differently calibrated folds). The pooled AUC test rejects far too often; the
+    within-fold test keeps its size."""
+    rng = np.random.default_rng(11)
+    pooled, stratified, draws = 0, 0, 600
+    for _ in range(draws):
+        truth = rng.random(250) < 0.4
+        folds = rng.permutation(np.arange(250) % 5)
+        common = rng.normal(size=250)
+        a = 0.7 * common + 0.71 * rng.normal(size=250) + truth
+        b = 0.7 * common + 0.71 * rng.normal(size=250) + truth + rng.normal(scale=1.5, size=5)[folds]
+        scores = np.stack([a, b])
+        pooled += st.delong(truth, scores).test(0, 1)[1] < 0.05
+        stratified += st.stratified_delong(truth, scores, folds).test(0, 1)[1] < 0.05
+    assert pooled / draws > 0.3
+    assert 0.025 <= stratified / draws <= 0.08

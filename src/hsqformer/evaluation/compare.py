@@ -192,6 +192,8 @@ def compare_runs(
             "models": models,
             "paired": _paired_tests(runs, reference, truth, scores, dl, thresholds),
         }
+        if base.folds is not None:
+            cohorts[cohort]["fold_stratified"] = _fold_stratified(runs, reference, truth, scores, base.folds)
     rule = "Youden's J" if target_sensitivity is None else f"sensitivity >= {target_sensitivity:g}"
     return {
         "format": REPORT_FORMAT,
@@ -263,6 +265,30 @@ def _paired_tests(
             row[f"{key}_holm"] = value
             row[f"{key.removesuffix('_p')}_significant"] = bool(value < ALPHA)
     return rows
+
+
+def _fold_stratified(
+    runs: Sequence[RunScores], reference: int, truth: np.ndarray, scores: np.ndarray, folds: np.ndarray
+) -> dict[str, Any]:
+    """Each model's mean fold AUC with a CI, and the paired test of the means, from within-fold DeLong."""
+    try:
+        dl = st.stratified_delong(truth, scores, folds)
+    except ValueError as err:
+        return {"skipped": str(err)}
+    names = [run.name for run in runs]
+    paired = {}
+    for i, name in enumerate(names):
+        if i != reference:
+            z, p = dl.test(i, reference)
+            paired[name] = {"auc_difference": float(dl.aucs[i] - dl.aucs[reference]), "delong_z": z, "delong_p": p}
+    for row, value in zip(paired.values(), st.holm([row["delong_p"] for row in paired.values()]), strict=True):
+        row["delong_p_holm"] = value
+        row["delong_significant"] = bool(value < ALPHA)
+    return {
+        "n_folds": int(len(np.unique(folds))),
+        "models": {name: {"auc": float(dl.aucs[i]), "auc_ci": dl.ci(i)} for i, name in enumerate(names)},
+        "paired": paired,
+    }
 
 
 def _first_duplicate(names: Sequence[str]) -> str:

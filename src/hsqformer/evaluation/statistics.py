@@ -90,6 +90,32 @@ def delong(truth: np.ndarray, scores: np.ndarray) -> DeLong:
     return DeLong(aucs, cov_pos / m + cov_neg / n)
 
 
+def stratified_delong(truth: np.ndarray, scores: np.ndarray, strata: np.ndarray) -> DeLong:
+    """The mean over strata (e.g. cross-validation folds) of each score's within-stratum AUC, with the
+    covariance of those means: the statistic of the paper's Table 2 (mean over folds) made testable.
+
+    Strata hold disjoint cases, so their DeLong estimates are independent and the covariance of the
+    equally weighted mean is the sum of the within-stratum covariances over S². Scores meet only
+    within a stratum, so fold models whose scores sit on different scales are not penalised, as they
+    are by the AUC of pooled out-of-fold predictions. Every stratum needs two cases of each class.
+    """
+    truth = np.asarray(truth, dtype=bool)
+    scores = np.atleast_2d(np.asarray(scores, dtype=np.float64))
+    strata = np.asarray(strata)
+    if strata.shape != truth.shape:
+        raise ValueError(f"strata have {strata.shape[0]} cases, truth has {truth.shape[0]}")
+    parts = []
+    for stratum in np.unique(strata):
+        inside = strata == stratum
+        positives = int(truth[inside].sum())
+        if positives < 2 or inside.sum() - positives < 2:
+            raise ValueError(f"stratum {stratum} needs at least two cases of each class")
+        parts.append(delong(truth[inside], scores[:, inside]))
+    aucs = np.mean([part.aucs for part in parts], axis=0)
+    covariance = np.sum([part.covariance for part in parts], axis=0) / len(parts) ** 2
+    return DeLong(aucs, covariance)
+
+
 def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> tuple[int, int, float]:
     """McNemar's exact test of paired outcomes: cases only A got right, only B got right, two-sided p."""
     a = np.asarray(correct_a, dtype=bool)
