@@ -21,24 +21,23 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     """The headline per cohort: each model's AUC with its CI and the DeLong p against the reference."""
     lines = []
     for cohort, part in report["cohorts"].items():
-        lines.append(f"{cohort} ({part['n_images']} images), AUC [95% CI]:")
-        for model, values in part["models"].items():
-            paired = part["paired"].get(model)
-            test = (
-                f"  DeLong p {format_p(paired['delong_p'])} (Holm {format_p(paired['delong_p_holm'])})"
-                if paired else "  (reference)"
-            )
-            lines.append(f"  {model:<28} {format_ci(values['auc'], values['auc_ci'])}{test}")
+        lines += _auc_lines(f"{cohort} ({part['n_images']} images), AUC [95% CI]:", part)
         stratified = part.get("fold_stratified", {})
         if "models" in stratified:
-            lines.append(f"{cohort}, mean of the {stratified['n_folds']} fold AUCs [95% CI] (within-fold DeLong):")
-            for model, values in stratified["models"].items():
-                paired = stratified["paired"].get(model)
-                test = (
-                    f"  DeLong p {format_p(paired['delong_p'])} (Holm {format_p(paired['delong_p_holm'])})"
-                    if paired else "  (reference)"
-                )
-                lines.append(f"  {model:<28} {format_ci(values['auc'], values['auc_ci'])}{test}")
+            title = f"{cohort}, mean of the {stratified['n_folds']} fold AUCs [95% CI] (within-fold DeLong):"
+            lines += _auc_lines(title, stratified)
+    return lines
+
+
+def _auc_lines(title: str, part: dict[str, Any]) -> list[str]:
+    lines = [title]
+    for model, values in part["models"].items():
+        paired = part["paired"].get(model)
+        test = (
+            f"  DeLong p {format_p(paired['delong_p'])} (Holm {format_p(paired['delong_p_holm'])})"
+            if paired else "  (reference)"
+        )
+        lines.append(f"  {model:<28} {format_ci(values['auc'], values['auc_ci'])}{test}")
     return lines
 
 
