@@ -259,12 +259,17 @@ def _paired_tests(
             "specificity_discordant": [spec[0], spec[1]],
             "specificity_p": spec[2],
         }
-    for key in ("delong_p", "sensitivity_p", "specificity_p"):
+    _add_holm(rows, ("delong_p", "sensitivity_p", "specificity_p"))
+    return rows
+
+
+def _add_holm(rows: dict[str, dict[str, Any]], keys: Sequence[str]) -> None:
+    """Holm-adjust each p-value column across the compared models: ``KEY_holm`` and ``NAME_significant``."""
+    for key in keys:
         adjusted = st.holm([row[key] for row in rows.values()])
         for row, value in zip(rows.values(), adjusted, strict=True):
             row[f"{key}_holm"] = value
             row[f"{key.removesuffix('_p')}_significant"] = bool(value < ALPHA)
-    return rows
 
 
 def _fold_stratified(
@@ -281,9 +286,7 @@ def _fold_stratified(
         if i != reference:
             z, p = dl.test(i, reference)
             paired[name] = {"auc_difference": float(dl.aucs[i] - dl.aucs[reference]), "delong_z": z, "delong_p": p}
-    for row, value in zip(paired.values(), st.holm([row["delong_p"] for row in paired.values()]), strict=True):
-        row["delong_p_holm"] = value
-        row["delong_significant"] = bool(value < ALPHA)
+    _add_holm(paired, ("delong_p",))
     return {
         "n_folds": int(len(np.unique(folds))),
         "models": {name: {"auc": float(dl.aucs[i]), "auc_ci": dl.ci(i)} for i, name in enumerate(names)},
