@@ -198,6 +198,39 @@ def test_sweep_trains_every_point_once_and_resumes(micro: Path, tmp_path: Path, 
     assert "was trained with another config (key 'trainer.epochs' differs)" in err.strip().splitlines()[-1]
 
 
+def test_a_finished_cv_run_is_taken_as_its_point(micro: Path, tmp_path: Path) -> None:
+    """``--reuse``: a cv run of the base config (which leaves attn_order at its default) becomes the serial point
+    without training, hard-linked; a rerun accepts it; runs that fit no point, or are unfinished, are refused."""
+    base_run, other_run = tmp_path / "base_run", tmp_path / "other_run"
+    assert run_cli("cv", "--config", micro, "--data", SAMPLE, "--out", base_run)[0] == 0
+    grid, out = write_yaml(tmp_path / "grid.yaml", ATTN_ORDER), tmp_path / "sweep"
+    args = ("sweep", "--config", micro, "--grid", grid, "--data", SAMPLE, "--out", out, "--resamples", "200")
+
+    code, err = run_cli(*args, "--reuse", base_run)
+    assert code == 0, err[-3000:]
+    serial = out / "points" / "attn_order-serial"
+    assert f"point 'attn_order=serial': finished run {base_run} taken as it is (--reuse)" in err
+    assert "point 0 'attn_order=serial' (1 of 2 selected, 2 in the grid): done earlier, skipped" in err
+    reused = serial / "predictions.csv"
+    assert reused.stat().st_ino == (base_run / "predictions.csv").stat().st_ino
+    assert not (out / "points" / "attn_order-serial.partial").exists()
+    assert (out / "points" / "attn_order-parallel" / "metrics.json").is_file()
+    assert "| attn_order=serial **(reference)** |" in (out / "report" / "sweep.md").read_text(encoding="utf-8")
+
+    code, err = run_cli(*args, "--reuse", base_run)  # everything done: the finished point is not replaced
+    assert code == 0, err[-3000:]
+    assert "taken as it is" not in err and reused.stat().st_ino == (base_run / "predictions.csv").stat().st_ino
+
+    assert run_cli("cv", "--config", micro, "--set", "trainer.epochs=2", "--data", SAMPLE, "--out", other_run)[0] == 0
+    code, err = run_cli(*args, "--reuse", other_run)
+    assert code == 2
+    assert err.strip().splitlines()[-1] == (f"error: --reuse {other_run}: its config is no point of the grid "
+                                            "(from the reference config, key 'trainer.epochs' differs)")
+    (other_run / "metrics.json").unlink()
+    code, err = run_cli(*args, "--reuse", other_run)
+    assert code == 2 and f"--reuse {other_run}: not a finished cv run (no metrics.json)" in err.strip().splitlines()[-1]
+
+
 def _processes_naming(text: str) -> list[int]:
     """Live processes whose command line contains ``text``."""
     found = []

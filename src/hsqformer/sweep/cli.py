@@ -48,6 +48,10 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option("--drop-weights", help="Delete each finished point's fold weights (keeps predictions).")
         ] = False,
         resamples: Annotated[int, typer.Option("--resamples", min=100, help="Patient-level bootstrap resamples.")] = 2000,
+        reuse: Annotated[
+            Optional[list[Path]], typer.Option("--reuse", help="A finished cv run on the same data taken as the point "
+                                               "whose config it holds (e.g. the base config); repeatable.")
+        ] = None,
     ) -> None:
         """Ablation grid: each point a cv run on the same folds; read by compare (CIs, paired tests, figures)."""
         from hsqformer.interrupts import Interrupted, interruption_behind
@@ -70,8 +74,9 @@ def register(app: typer.Typer) -> None:
             _report(sw, resamples)
             return
         indices = sorted(set(point)) if point else list(range(count))
-        runner.check_points(sw, indices)
+        reused = runner.check_points(sw, indices, reuse or [])
         runner.write_sweep_file(sw)
+        runner.reuse_runs(sw, reused)
         n_jobs = jobs or max(1, len(device_list))
         runner.say(f"{count} points in {grid} ({runner.progress(sw)}); {len(indices)} selected, "
                    f"{n_jobs} at a time{' as separate processes' if n_jobs > 1 or device_list else ''}")

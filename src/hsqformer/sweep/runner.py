@@ -11,13 +11,19 @@ The sweep folder::
 A finished point (``metrics.json``) is skipped, a started one is resumed (``cv --resume``: done
 folds are skipped, the interrupted fold continues from its last checkpoint). A point folder
 that was trained with another config or data than the point now has is an error, not a silent
-mix. Two processes never train the same point at once: each holds the point's lock file.
+mix; configs are compared with the model's defaults filled in, so a run that leaves a default
+out is the same run as a point that spells it. A finished ``cv`` run trained elsewhere on the same
+data (typically the base config, the dearest point) is taken as the point whose config it holds
+with ``--reuse``: its files are hard-linked (copied across file systems) into that point's folder.
+Two processes never train the same point at once: each holds the point's lock file.
 """
 
 from __future__ import annotations
 
 import fcntl
+import os
 import shlex
+import shutil
 import sys
 import traceback
 from collections.abc import Iterator, Sequence
@@ -28,8 +34,8 @@ from pathlib import Path
 from hsqformer.errors import HSQformerError
 from hsqformer.sweep.grid import Grid, Point, read_grid
 from hsqformer.sweep.processes import Job, log_tail, run_jobs
-from hsqformer.sweep.settings import check_models, drop_weights, set_arguments
-from hsqformer.training.config import config_to_dict, first_difference, load_config
+from hsqformer.sweep.settings import check_models, comparable, drop_weights, set_arguments
+from hsqformer.training.config import first_difference, load_config
 from hsqformer.files import write_json
 from hsqformer.training.run_folder import METRICS_FILE, RUN_FILE, read_run, read_saved_config
 
@@ -90,12 +96,13 @@ def open_sweep(
     return Sweep(config, list(overrides), grid, data, dict(tests), out)
 
 
-def check_points(sweep: Sweep, indices: Sequence[int]) -> None:
-    """Everything that can fail before training: the selected points' models, the data, and the point folders.
+def check_points(sweep: Sweep, indices: Sequence[int], reuse: Sequence[Path] = ()) -> list[tuple[Path, Point]]:
+    """Everything that can fail before training: the selected points' models, the data, the point folders and
+    the ``--reuse`` runs; returns each reused run with the point it stands for (see ``reuse_runs``).
 
     The data and test cohorts are read and every image decoded once (``prepare_inputs`` of the base
-    config); each started or finished point folder must hold a run of exactly that point's config
-    and data.
+    config); each started or finished point folder must hold a run of that point's config and data,
+    and each reused run a finished run of some point's config on the same data.
     """
     from hsqformer.training.engine import prepare_inputs
 
@@ -104,22 +111,79 @@ def check_points(sweep: Sweep, indices: Sequence[int]) -> None:
     points = [sweep.grid.points[i] for i in indices]
     check_models((f"grid {sweep.grid.path}, point '{p.name}'", p.config) for p in points)
     inputs = prepare_inputs(sweep.grid.base.config, sweep.data, sweep.tests)
+    sources = (inputs.data_source, inputs.test_sources)
     for point in points:
         folder = sweep.point_dir(point)
         if not (folder / RUN_FILE).is_file():
             continue
-        run = read_run(folder)
-        differs = first_difference(config_to_dict(read_saved_config(folder)), config_to_dict(point.config))
+        differs = first_difference(comparable(read_saved_config(folder)), comparable(point.config))
         if differs:
             raise HSQformerError(
                 f"point '{point.name}': {folder} was trained with another config (key '{differs}' differs); "
                 "delete that folder to retrain it, or use another --out"
             )
-        if run.get("data") != inputs.data_source or dict(run.get("tests", {})) != inputs.test_sources:
+        if _run_sources(folder) != sources:
             raise HSQformerError(
                 f"point '{point.name}': {folder} was trained on other data or test cohorts "
-                f"({run.get('data')}); use another --out"
+                f"({read_run(folder).get('data')}); use another --out"
             )
+    return _match_reused(sweep, reuse, sources)
+
+
+def _run_sources(folder: Path) -> tuple[object, dict[str, str]]:
+    run = read_run(folder)
+    return run.get("data"), dict(run.get("tests", {}))
+
+
+def _match_reused(
+    sweep: Sweep, runs: Sequence[Path], sources: tuple[str, dict[str, str]]
+) -> list[tuple[Path, Point]]:
+    """The grid point each ``--reuse`` run stands for; runs whose point is finished already are left out."""
+    matched: dict[str, Path] = {}
+    pairs = []
+    for run in runs:
+        where = f"--reuse {run}"
+        if not (run / METRICS_FILE).is_file():
+            read_run(run)  # one line if it is no run folder at all
+            raise HSQformerError(f"{where}: not a finished cv run (no {METRICS_FILE}); finish it with "
+                                 f"'hsqformer cv --resume --out {run}' first")
+        saved = comparable(read_saved_config(run))
+        point = next((p for p in sweep.grid.points if first_difference(saved, comparable(p.config)) is None), None)
+        if point is None:
+            differs = first_difference(saved, comparable(sweep.grid.base.config))
+            raise HSQformerError(f"{where}: its config is no point of the grid (from the reference config, key "
+                                 f"'{differs}' differs)")
+        if _run_sources(run) != sources:
+            raise HSQformerError(f"{where}: trained on other data or test cohorts ({read_run(run).get('data')}) "
+                                 f"than this sweep ({sources[0]})")
+        if point.slug in matched:
+            raise HSQformerError(f"{where}: point '{point.name}' is already taken from --reuse {matched[point.slug]}")
+        matched[point.slug] = run
+        status = sweep.status(point)
+        if status == "started":
+            raise HSQformerError(f"{where}: point '{point.name}' holds a started run in {sweep.point_dir(point)}; "
+                                 "delete that folder to take the finished run instead")
+        if status == "pending":
+            pairs.append((run, point))
+    return pairs
+
+
+def reuse_runs(sweep: Sweep, pairs: Sequence[tuple[Path, Point]]) -> None:
+    """Put each finished run into its point's folder (hard links, copies across file systems), whole or not at all."""
+    for run, point in pairs:
+        folder = sweep.point_dir(point)
+        partial = folder.with_name(f"{folder.name}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(run, partial, copy_function=_link_or_copy)
+        partial.rename(folder)
+        say(f"point '{point.name}': finished run {run} taken as it is (--reuse)")
+
+
+def _link_or_copy(source: str, destination: str) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
 
 
 def write_sweep_file(sweep: Sweep) -> None:
