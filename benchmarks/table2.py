@@ -22,6 +22,14 @@ writes ``benchmarks/results/compare_NAME_tunedN/``. Without the flag each config
     .venv/bin/python benchmarks/table2.py --preset cpu --data ../shared/data/liver-sysu --name liver-sysu_cpu \
         --only hsqformer_s,lite0,lite1 --tune-trials 8
 
+With ``--variant KEY=CONFIG`` (repeatable) the benchmark asks whether a change of HSQformer helps: each variant
+is trained into the same run folder as the preset (whose finished runs are reused) and becomes the reference, so
+compare tests it against the preset's HSQformer and every backbone alone, on the same folds; the report goes to
+``benchmarks/results/compare_NAME_KEY/`` (``_KEY1_KEY2`` for several), the preset's own report is left as it is.
+
+    .venv/bin/python benchmarks/table2.py --preset cpu --data ../shared/data/liver-sysu --name liver-sysu_cpu \
+        --variant hsqformer_s_pooled=configs/cpu_variants/pooled_head.yaml
+
 Presets:
 - ``cpu``: HSQformer-S of configs/cpu.yaml against EfficientNet-Lite0/1/2 alone, each with a learning
   rate of its own (configs/cpu_baselines/). On liver-sysu, 2 cores without native bf16 (fp32): HSQformer-S
@@ -87,6 +95,8 @@ def main() -> None:
     parser.add_argument("--tune-trials", type=int, default=None,
                         help="tune every model with this many trials of the preset's space, then train its best recipe")
     parser.add_argument("--notes", type=Path, help="markdown file whose text goes into the summary, under its header")
+    parser.add_argument("--variant", action="append", default=[], metavar="KEY=CONFIG",
+                        help="a changed HSQformer config, trained too and made the reference (repeatable)")
     args = parser.parse_args()
     if args.tune_trials is not None and args.tune_trials < 1:
         sys.exit(f"error: --tune-trials must be at least 1, got {args.tune_trials}")
@@ -95,13 +105,17 @@ def main() -> None:
     except (OSError, UnicodeDecodeError) as err:
         sys.exit(f"error: --notes {args.notes}: cannot read ({err.__class__.__name__})")
 
-    configs = PRESETS[args.preset]
-    keys = [k.strip() for k in args.only.split(",")] if args.only else list(configs)
-    unknown = [k for k in keys if k not in configs]
+    preset = PRESETS[args.preset]
+    keys = [k.strip() for k in args.only.split(",")] if args.only else list(preset)
+    unknown = [k for k in keys if k not in preset]
     if unknown:
-        sys.exit(f"error: --only: unknown key {unknown[0]} (preset {args.preset}: {', '.join(configs)})")
+        sys.exit(f"error: --only: unknown key {unknown[0]} (preset {args.preset}: {', '.join(preset)})")
+    variants = parse_variants(args.variant, preset)
+    configs = {**variants, **preset}  # a variant first: the reference of the comparison
+    keys = [*variants, *keys]
     name = args.name if args.tune_trials is None else f"{args.name}_tuned{args.tune_trials}"
     runs = HERE / "runs" / f"table2_{name}"
+    report_name = "_".join([name, *variants])
     data = args.data
     if args.labels:
         try:
@@ -129,12 +143,30 @@ def main() -> None:
     finished = [str(runs / key) for key in configs if (runs / key / "metrics.json").is_file()]
     if not finished:
         sys.exit("error: no finished run to compare")
-    report = HERE / "results" / f"compare_{name}"
+    report = HERE / "results" / f"compare_{report_name}"
     extra = ["--target-sensitivity", str(args.target_sensitivity)] if args.target_sensitivity else []
     hsqformer("compare", *finished, "--floor", "--out", str(report), "--overwrite", *extra)
     summary = report.with_suffix(".md")
-    summary.write_text(summarize(args, name, configs, runs, report, notes), encoding="utf-8")
+    summary.write_text(summarize(args, report_name, configs, runs, report, notes), encoding="utf-8")
     print(f"summary: {summary.relative_to(REPO)}", flush=True)
+
+
+def parse_variants(items: list[str], preset: dict[str, str]) -> dict[str, str]:
+    """``KEY=CONFIG`` items as {key: config}; a bad item stops the benchmark in one line before anything trains."""
+    variants: dict[str, str] = {}
+    for item in items:
+        key, sep, config = (part.strip() for part in item.partition("="))
+        where = f"error: --variant {item!r}"
+        if not sep or not key or not config:
+            sys.exit(f"{where}: expected KEY=CONFIG, e.g. hsqformer_s_sr=configs/cpu_variants/sr_attention.yaml")
+        if not key.replace("_", "").replace("-", "").isalnum():
+            sys.exit(f"{where}: the key names a run folder: letters, digits, '_' and '-' only")
+        if key in preset or key in variants:
+            sys.exit(f"{where}: key {key} is taken (preset keys: {', '.join(preset)})")
+        if not (REPO / config).is_file():
+            sys.exit(f"{where}: config file not found: {config}")
+        variants[key] = config
+    return variants
 
 
 def training_minutes(run: Path) -> tuple[float, int]:

@@ -65,6 +65,19 @@ def test_every_shipped_config_loads(path):
     assert cfg.trainer.batch_size % 2 == 0  # mixup needs even batches
 
 
+CPU_VARIANTS = {"pooled_head": {"head_inputs": "queries+pooled"}, "sr_attention": {"projector_attn": "sr"}}
+
+
+def test_cpu_variants_change_one_model_argument_of_the_cpu_preset():
+    """A variant file replaces model.kwargs whole: it must repeat configs/cpu.yaml's and add only its change."""
+    assert sorted(p.stem for p in (CONFIGS / "cpu_variants").glob("*.yaml")) == sorted(CPU_VARIANTS)
+    base = config_to_dict(load_config(CONFIGS / "cpu.yaml"))
+    for name, change in CPU_VARIANTS.items():
+        variant = config_to_dict(load_config(CONFIGS / "cpu_variants" / f"{name}.yaml"))
+        assert variant["model"]["kwargs"] == {**base["model"]["kwargs"], **change}, name
+        assert {**variant, "model": base["model"]} == base, name
+
+
 def test_extends_merges_sections_but_replaces_model_kwargs():
     cfg = load_config(CONFIGS / "smoke.yaml")
     assert cfg.model.name == "hsqformer_small"  # from paper_small.yaml
