@@ -15,6 +15,10 @@ initial weights, for the same number of updates:
   progress bar on top (validation is left out of all three: it is the same work in each).
 
 Issue 16 asks the framework to cost at most 25 % of an epoch (``engine`` / ``bare`` <= 1.25).
+``--device cpu`` (default) compares fp32 loops; ``--device cuda`` runs all three on the GPU at the precision
+``hsqformer cv`` picks there (bf16 autocast where the GPU has it), e.g. with more images and the run's batch:
+
+    python benchmarks/bench_loop.py --device cuda --images 384 --out loop_overhead_cuda.md
 """
 
 from __future__ import annotations
@@ -30,9 +34,9 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import markdown_header  # noqa: E402
+from common import benchmark_device, device_name, markdown_header  # noqa: E402
 from hsqformer.data import UltrasoundDataset, class_names, load_dataset  # noqa: E402
-from hsqformer.hardware import resolve_precision  # noqa: E402
+from hsqformer.hardware import BF16, FP32, resolve_precision  # noqa: E402
 from hsqformer.sample_data import path as sample_path  # noqa: E402
 from hsqformer.training.config import load_config  # noqa: E402
 from hsqformer.training.modeling import build_model  # noqa: E402
@@ -55,7 +59,7 @@ def loader_for(cfg, model, data: Path) -> tuple[DataLoader, list[str]]:
     return loader, classes
 
 
-def bare_epoch(module: ClassifierModule, loader: DataLoader, epochs: int) -> float:
+def bare_epoch(module: ClassifierModule, loader: DataLoader, epochs: int, device: torch.device, precision: str) -> float:
     """Seconds per epoch of the plain loop (the module supplies only its loss and its optimizer recipe)."""
 
     class Steps:  # what configure_optimizers reads from its trainer
@@ -64,22 +68,30 @@ def bare_epoch(module: ClassifierModule, loader: DataLoader, epochs: int) -> flo
     module.trainer = Steps()  # type: ignore[assignment]
     config = module.configure_optimizers()
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    module.to(device)
     module.model.train()
+    cuda = device.type == "cuda"
     updates, times = 0, []
     for _ in range(epochs):
         start = time.perf_counter()
         for images, targets in loader:
-            loss, _ = module.compute_loss(images, targets)
+            images, targets = images.to(device, non_blocking=cuda), targets.to(device, non_blocking=cuda)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == BF16):
+                loss, _ = module.compute_loss(images, targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             updates += 1
             scheduler.step_update(num_updates=updates)
+        if cuda:
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     return min(times)
 
 
-def lightning_epoch(module: ClassifierModule, loader: DataLoader, epochs: int, *, like_engine: bool) -> float:
+def lightning_epoch(
+    module: ClassifierModule, loader: DataLoader, epochs: int, device: torch.device, precision: str, *, like_engine: bool
+) -> float:
     import lightning as L
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
@@ -104,7 +116,8 @@ def lightning_epoch(module: ClassifierModule, loader: DataLoader, epochs: int, *
             else []
         )
         trainer = L.Trainer(
-            max_epochs=epochs, precision="32-true", accelerator="cpu", devices=1, logger=DurableCSVLogger(folder)
+            max_epochs=epochs, precision=precision, accelerator="gpu" if device.type == "cuda" else "cpu",
+            devices=[device.index or 0] if device.type == "cuda" else 1, logger=DurableCSVLogger(folder)
             if like_engine else False, enable_checkpointing=like_engine, enable_progress_bar=like_engine,
             enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=folder,
             log_every_n_steps=module.cfg.trainer.log_every_n_steps, callbacks=[timer, *extra],
@@ -120,12 +133,19 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=96, help="Training images (a multiple of the batch size).")
     parser.add_argument("--epochs", type=int, default=2, help="Epochs per loop; the fastest one counts.")
     parser.add_argument("--set", action="append", default=[], help="Config override KEY=VALUE.")
+    parser.add_argument("--device", default="cpu", help="cpu (fp32 loops) or cuda[:N] (cv's precision there).")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
-    cfg = load_config(args.config, [f"data.max_images={args.images}", "trainer.precision=32-true", *args.set])
-    if resolve_precision(cfg.trainer.precision, "cpu").precision != "32-true":
-        raise SystemExit("this benchmark compares fp32 loops")
+    device = benchmark_device(args.device)
+    on_cpu = device.type == "cpu"
+    cfg = load_config(
+        args.config,
+        [f"data.max_images={args.images}", f"trainer.precision={FP32 if on_cpu else 'auto'}", *args.set],
+    )
+    precision = resolve_precision(cfg.trainer.precision, "cpu" if on_cpu else "cuda").precision
+    if on_cpu and precision != FP32:
+        raise SystemExit("error: on the CPU this benchmark compares fp32 loops")
     results = {}
     for name in ("bare", "lightning", "engine"):
         torch.manual_seed(0)
@@ -133,16 +153,17 @@ def main() -> None:
         loader, classes = loader_for(cfg, model, args.data)
         module = ClassifierModule(model, cfg, len(classes), classes.index(cfg.data.positive_class))
         if name == "bare":
-            results[name] = bare_epoch(module, loader, args.epochs)
+            results[name] = bare_epoch(module, loader, args.epochs, device, precision)
         else:
-            results[name] = lightning_epoch(module, loader, args.epochs, like_engine=name == "engine")
+            results[name] = lightning_epoch(module, loader, args.epochs, device, precision, like_engine=name == "engine")
         print(f"{name}: {results[name]:.2f} s per epoch ({len(loader)} updates)", file=sys.stderr)
 
     lines = [markdown_header("Training-loop overhead: bare PyTorch against Lightning"), ""]
     lines += [
         f"Config `{args.config.relative_to(REPO) if args.config.is_relative_to(REPO) else args.config}`"
         f" with {' '.join(args.set) or 'no overrides'}; {args.images} training images from `{args.data.name}`,"
-        f" batch {cfg.trainer.batch_size} ({len(loader)} updates per epoch), {cfg.augment.img_size} px, fp32,"
+        f" batch {cfg.trainer.batch_size} ({len(loader)} updates per epoch), {cfg.augment.img_size} px, {precision}"
+        f" on {device_name(device)},"
         f" {cfg.data.num_workers} loader workers; {args.epochs} epochs per loop, the fastest counts.",
         "",
         "| loop | s per epoch | vs bare |",

@@ -10,6 +10,14 @@ and each of their backbones alone (bf16 autocast and fp32, batch 16, 224x224);
 time, FLOPs and achieved GFLOP/s of each HSQformer component; one MoE layer
 with 4 experts under top-1, top-2 and dense routing; and, in a fresh process,
 the peak memory of one bf16 training step of hsqformer_base at batch 50.
+
+With ``--device cuda`` (a GPU) it measures instead, for each variant and each of its backbones alone:
+inference and training images/s with bf16 autocast at 224x224 (batch 50; 20 for hsqformer_large, as
+Table 5), the achieved TFLOP/s (FLOPs of a forward pass; a training step counted as 3x) and the peak GPU
+memory of training:
+
+    python benchmarks/bench_speed.py --device cuda --variants hsqformer_small,hsqformer_base,hsqformer_large \
+        --out benchmarks/results/speed_cuda_h200.md
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hsqformer  # noqa: E402,F401  (registers the variants)
-from common import cpu_autocast, markdown_header, matmul_gflops, timed  # noqa: E402
+from common import benchmark_device, cpu_autocast, device_name, markdown_header, matmul_gflops, timed  # noqa: E402
 from hsqformer.models.complexity import count_flops  # noqa: E402
 from hsqformer.models.moe import MoE  # noqa: E402
 
@@ -147,6 +155,84 @@ def in_subprocess(*args: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+DEVICE_BATCH = {"hsqformer_large": 20}  # Table 5: batch 20 for -L, 50 for the others
+
+
+def device_rates(name: str, device: torch.device, batch: int, repeats: int, img: int = 224) -> dict:
+    """bf16 images/s (inference, training), achieved TFLOP/s and peak training memory of one model on ``device``."""
+    model = timm.create_model(name, num_classes=2)
+    flops = count_flops(model, img)["total"]
+    model.to(device)
+    x = torch.randn(batch, 3, img, img, device=device)
+    y = torch.randint(0, 2, (batch,), device=device)
+    cuda = device.type == "cuda"
+
+    def synced(fn):
+        def run() -> None:
+            fn()
+            if cuda:
+                torch.cuda.synchronize(device)
+        return run
+
+    def infer() -> None:
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+            model(x)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def train() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x).float(), y)
+            aux = getattr(model, "aux_loss", None)
+            if aux is not None:
+                loss = loss + 0.01 * aux.float()
+        loss.backward()
+        optimizer.step()
+
+    model.eval()
+    infer_rate = batch / timed(synced(infer), repeats, warmup=2)
+    model.train()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    train_rate = batch / timed(synced(train), repeats, warmup=2)
+    peak = torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {
+        "gflops": flops / 1e9,
+        "infer": infer_rate,
+        "train": train_rate,
+        "infer_tflops": flops * infer_rate / 1e12,
+        "train_tflops": 3 * flops * train_rate / 1e12,
+        "peak_gib": peak / 2**30,
+        "backbones": [model.cnn.default_cfg["architecture"], model.vit.default_cfg["architecture"]]
+        if hasattr(model, "cnn")
+        else [],
+    }
+
+
+def device_report(device: torch.device, variants: tuple[str, ...], repeats: int, batch: int | None = None) -> list[str]:
+    """The ``--device`` report: every variant and its backbones, one fresh model at a time (markdown lines)."""
+    memory = "peak GPU memory of training" if device.type == "cuda" else "peak process RSS (whole run so far)"
+    lines = [
+        f"## Throughput on {device_name(device)}, bf16 autocast, 224x224, eager (median of {repeats} after 2 warm-ups)\n",
+        f"| model | batch | GFLOPs/img | infer images/s | infer TFLOP/s | train images/s | train TFLOP/s | {memory} |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for variant in variants:
+        size = batch or DEVICE_BATCH.get(variant, 50)
+        first = device_rates(variant, device, size, repeats)
+        for name in [variant, *first["backbones"]]:
+            r = first if name == variant else device_rates(name, device, size, repeats)
+            lines.append(
+                f"| {name} | {size} | {r['gflops']:.1f} | {r['infer']:.1f} | {r['infer_tflops']:.1f} | "
+                f"{r['train']:.1f} | {r['train_tflops']:.1f} | {r['peak_gib']:.1f} GiB |"
+            )
+            print(lines[-1], flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/speed_cpu.md"))
@@ -157,7 +243,17 @@ def main() -> None:
     parser.add_argument("--skip-memory", action="store_true", help="leave out the batch-50 memory measurement")
     parser.add_argument("--worker", nargs=2, metavar=("TASK", "MODEL"), help=argparse.SUPPRESS)
     parser.add_argument("--grad-checkpointing", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu", help="cpu (this CPU report) or cuda[:N] (the GPU report)")
     args = parser.parse_args()
+
+    device = benchmark_device(args.device)
+    if device.type == "cuda":
+        variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+        lines = [markdown_header("GPU speed: HSQformer and its backbones"), *device_report(device, variants, args.repeats)]
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n".join(lines) + "\n")
+        print(f"wrote {args.out}")
+        return
 
     if args.worker:
         task, name = args.worker

@@ -11,6 +11,10 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _cpu_model() -> str:
@@ -57,9 +61,34 @@ def machine_info() -> dict[str, str]:
         "cores": str(os.cpu_count()),
         "torch threads": str(torch.get_num_threads()),
         "memory": f"{_memory_gib():.1f} GiB",
+        **({"gpu": f"{torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}"} if torch.cuda.is_available() else {}),
         "python": platform.python_version(),
         **versions,
     }
+
+
+def benchmark_device(text: str) -> torch.device:
+    """``--device`` as a torch device: ``cpu`` or ``cuda[:N]`` where torch sees a GPU; else stop in one line."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        sys.exit(f"error: --device {text}: expected cpu or cuda[:N]")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"error: --device {text}: torch sees no CUDA GPU here")
+    return device
+
+
+def device_name(device: torch.device) -> str:
+    """The device's name as a report should state it: the GPU's model, or ``the CPU``."""
+    import torch
+
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} ({device})"
+    return "the CPU"
 
 
 def markdown_header(title: str) -> str:
