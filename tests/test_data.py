@@ -292,3 +292,30 @@ def test_busi_folds_warn_image_level() -> None:
     with pytest.warns(UserWarning, match="image-level"):
         folds = patient_folds(frame, n_folds=5, seed=0)
     check_no_leakage(frame, folds)
+
+
+class _InheritanceProbe(torch.utils.data.Dataset):
+    """Yields 1 where the worker sees a marker that the parent set at run time, i.e. inherited its memory."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> int:
+        import hsqformer.data.dataset as module
+
+        return int(hasattr(module, "_parent_marker"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="loader workers start from a forkserver on Linux only")
+def test_loader_workers_do_not_inherit_the_trainers_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forked worker pins a snapshot of the trainer's heap (gigabytes after a fold); forkserver workers see none of it."""
+    import hsqformer.data.dataset as module
+    from hsqformer.data.dataset import worker_context
+
+    monkeypatch.setattr(module, "_parent_marker", object(), raising=False)
+    forked = torch.utils.data.DataLoader(_InheritanceProbe(), batch_size=1, num_workers=1)
+    assert [int(b) for b in forked] == [1, 1]  # PyTorch's default fork: the probe sees the parent's state
+    clean = torch.utils.data.DataLoader(_InheritanceProbe(), batch_size=1, num_workers=1,
+                                        multiprocessing_context=worker_context(1))
+    assert [int(b) for b in clean] == [0, 0]
+    assert worker_context(0) is None

@@ -41,6 +41,7 @@ from hsqformer.data import (
     patient_folds,
     save_folds,
 )
+from hsqformer.data.dataset import worker_context
 from hsqformer.data.manifest import row_origins
 from hsqformer.errors import HSQformerError
 from hsqformer.evaluation.metrics import classification_metrics, summarize
@@ -244,9 +245,11 @@ def train_fold(
         drop_last=True,
         num_workers=workers,
         persistent_workers=workers > 0,
+        multiprocessing_context=worker_context(workers),
     )
     val_loader = DataLoader(
-        val_set, batch_size=cfg.trainer.eval_batch_size, num_workers=workers, persistent_workers=workers > 0
+        val_set, batch_size=cfg.trainer.eval_batch_size, num_workers=workers, persistent_workers=workers > 0,
+        multiprocessing_context=worker_context(workers),
     )
     meta = {
         "model_name": cfg.model.name,

@@ -15,6 +15,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from hsqformer.data.dataset import worker_context
 from hsqformer.data.images import load_image
 from hsqformer.data.manifest import IMAGE_SUFFIXES, find_unreadable
 from hsqformer.errors import HSQformerError
@@ -67,7 +68,8 @@ def predict_probabilities(
     for model in models:
         model.eval().to(device)
     loader = DataLoader(
-        ImageFiles(paths, transform, where), batch_size=batch_size, shuffle=False, num_workers=num_workers
+        ImageFiles(paths, transform, where), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        multiprocessing_context=worker_context(num_workers),
     )
     outputs: list[list[np.ndarray]] = [[] for _ in models]
     for images in tqdm(loader, desc=desc, unit="batch", leave=False):
