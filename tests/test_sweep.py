@@ -229,6 +229,8 @@ def test_a_finished_cv_run_is_taken_as_its_point(micro: Path, tmp_path: Path) ->
     (other_run / "metrics.json").unlink()
     code, err = run_cli(*args, "--reuse", other_run)
     assert code == 2 and f"--reuse {other_run}: not a finished cv run (no metrics.json)" in err.strip().splitlines()[-1]
+    code, err = run_cli(*args, "--reuse", base_run, "--report-only")
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: --reuse takes runs in when the sweep starts")
 
 
 def _processes_naming(text: str) -> list[int]:

@@ -61,6 +61,9 @@ def register(app: typer.Typer) -> None:
 
         tests = parse_tests(test or [])
         device_list = parse_devices(devices)
+        if reuse and (list_ or report_only):
+            raise HSQformerError("--reuse takes runs in when the sweep starts training; leave out --list and "
+                                 "--report-only (--point K with the reused point's index links it and trains nothing)")
         sw = runner.open_sweep(config, set_ or [], grid, data, tests, out)
         if list_:
             for line in runner.list_points(sw):
