@@ -44,26 +44,43 @@ from hsqformer.models.moe import MoE  # noqa: E402
 PRECISIONS = ("bf16", "fp32")
 
 
-def inference_rate(model: torch.nn.Module, precision: str, batch: int, repeats: int) -> float:
+CPU = torch.device("cpu")
+
+
+def _timed_on(device: torch.device, step, repeats: int, warmup: int) -> float:
+    """Median seconds of ``step``; on a GPU each run waits for the device to finish."""
+    def run() -> None:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return timed(run, repeats, warmup=warmup)
+
+
+def inference_rate(
+    model: torch.nn.Module, precision: str, batch: int, repeats: int, device: torch.device = CPU, warmup: int = 1
+) -> float:
     model.eval()
-    x = torch.randn(batch, 3, 224, 224)
+    x = torch.randn(batch, 3, 224, 224, device=device)
 
     def step() -> None:
-        with torch.no_grad(), cpu_autocast(precision):
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             model(x)
 
-    return batch / timed(step, repeats)
+    return batch / _timed_on(device, step, repeats, warmup)
 
 
-def training_rate(model: torch.nn.Module, precision: str, batch: int, repeats: int) -> float:
+def training_rate(
+    model: torch.nn.Module, precision: str, batch: int, repeats: int, device: torch.device = CPU, warmup: int = 1
+) -> float:
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(batch, 3, 224, 224)
-    y = torch.randint(0, 2, (batch,))
+    x = torch.randn(batch, 3, 224, 224, device=device)
+    y = torch.randint(0, 2, (batch,), device=device)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with cpu_autocast(precision):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = F.cross_entropy(model(x), y)
             aux = getattr(model, "aux_loss", None)
             if aux is not None:
@@ -71,7 +88,7 @@ def training_rate(model: torch.nn.Module, precision: str, batch: int, repeats: i
         loss.backward()
         optimizer.step()
 
-    return batch / timed(step, repeats)
+    return batch / _timed_on(device, step, repeats, warmup)
 
 
 def component_times(model, precision: str, batch: int, repeats: int) -> dict[str, float]:
@@ -158,44 +175,16 @@ def in_subprocess(*args: str) -> dict:
 DEVICE_BATCH = {"hsqformer_large": 20}  # Table 5: batch 20 for -L, 50 for the others
 
 
-def device_rates(name: str, device: torch.device, batch: int, repeats: int, img: int = 224) -> dict:
+def device_rates(name: str, device: torch.device, batch: int, repeats: int) -> dict:
     """bf16 images/s (inference, training), achieved TFLOP/s and peak training memory of one model on ``device``."""
     model = timm.create_model(name, num_classes=2)
-    flops = count_flops(model, img)["total"]
+    flops = count_flops(model)["total"]
     model.to(device)
-    x = torch.randn(batch, 3, img, img, device=device)
-    y = torch.randint(0, 2, (batch,), device=device)
     cuda = device.type == "cuda"
-
-    def synced(fn):
-        def run() -> None:
-            fn()
-            if cuda:
-                torch.cuda.synchronize(device)
-        return run
-
-    def infer() -> None:
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
-            model(x)
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def train() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = F.cross_entropy(model(x).float(), y)
-            aux = getattr(model, "aux_loss", None)
-            if aux is not None:
-                loss = loss + 0.01 * aux.float()
-        loss.backward()
-        optimizer.step()
-
-    model.eval()
-    infer_rate = batch / timed(synced(infer), repeats, warmup=2)
-    model.train()
+    infer_rate = inference_rate(model, "bf16", batch, repeats, device, warmup=2)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    train_rate = batch / timed(synced(train), repeats, warmup=2)
+    train_rate = training_rate(model, "bf16", batch, repeats, device, warmup=2)
     peak = torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
         "gflops": flops / 1e9,
