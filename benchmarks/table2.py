@@ -151,12 +151,12 @@ def main() -> None:
     print(f"summary: {summary.relative_to(REPO)}", flush=True)
 
 
-def parse_variants(items: list[str], preset: dict[str, str]) -> dict[str, str]:
+def parse_variants(items: list[str], preset: dict[str, str], flag: str = "--variant") -> dict[str, str]:
     """``KEY=CONFIG`` items as {key: config}; a bad item stops the benchmark in one line before anything trains."""
     variants: dict[str, str] = {}
     for item in items:
         key, sep, config = (part.strip() for part in item.partition("="))
-        where = f"error: --variant {item!r}"
+        where = f"error: {flag} {item!r}"
         if not sep or not key or not config:
             sys.exit(f"{where}: expected KEY=CONFIG, e.g. hsqformer_s_sr=configs/cpu_variants/sr_attention.yaml")
         if not key.replace("_", "").replace("-", "").isalnum():
@@ -190,7 +190,7 @@ def summarize(
         note = f" ({resumed} fold(s) resumed: time after resuming only)" if resumed else ""
         rows.append(f"| {key} | `{config}` | {minutes:.1f} min{note} | `{run.relative_to(REPO)}` |")
     body = (report / "report.md").read_text(encoding="utf-8")
-    body = body.replace("](", f"]({report.name}/").replace("\n# ", "\n## ")  # figures live in the report folder
+    body = ("\n" + body).replace("](", f"]({report.name}/").replace("\n# ", "\n## ")  # figures live in the report folder
     return "\n".join([
         markdown_header(f"Table 2 on {name}: preset {args.preset}, paired comparison"),
         *(["## Verdict (written by hand)", "", notes, ""] if notes else []),
