@@ -17,9 +17,9 @@ writes ``benchmarks/results/resolution_NAME/`` (compare's report, figures and JS
 per model, ``resolution.png``) and, per size, the paired DeLong test of HSQformer against each backbone alone, pooled
 and within folds, with Holm's correction over the backbones.
 
-Cost: one 5-fold cv of the CPU preset takes ~80 min with ``sr`` at 160 px on 2 cores without native bf16 (fp32);
-time grows with the image area, so 224/320/448 px cost ~2x/4x/8x that per model: about a day on such a CPU, an
-hour or two on one GPU.
+Cost: one 5-fold cv of the CPU preset took 97 min with ``sr`` at 160 px on 2 cores without native bf16 (fp32),
+Lite0 or Lite1 alone ~25 min; time grows with the image area, so 224/320/448 px cost ~2x/4x/8x that per model:
+about 35 hours on such a CPU, an hour or two on one GPU.
 """
 
 from __future__ import annotations
