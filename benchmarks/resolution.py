@@ -34,12 +34,10 @@ from typing import Any
 from common import markdown_header
 from table2 import PRESETS, REPO, hsqformer, parse_variants, training_minutes
 
+from hsqformer.sweep.report import METRICS
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_HSQFORMER = "hsqformer_s_sr=configs/cpu_variants/sr_attention.yaml"
-METRICS = (
-    ("AUC", lambda m: (m["auc"], m["auc_ci"])),
-    ("F1 at 0.5", lambda m: (m["at_0.5"]["f1"]["value"], m["at_0.5"]["f1"]["ci"])),
-)
 
 
 def main() -> None:
