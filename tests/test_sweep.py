@@ -161,6 +161,40 @@ def test_report_reads_the_grid_with_compare(micro: Path, tmp_path: Path) -> None
         write_sweep_report(grid, {"MLP": folders["MLP"]}, tmp_path / "report")
 
 
+def test_report_gives_each_points_training_cost_and_flags_mixed_precision(micro: Path, tmp_path: Path) -> None:
+    """The cost table sums the folds' recorded wall times; points trained in other precisions or on other machines
+    (a grid split over sessions) are called not like for like; runs without those records say unknown."""
+    grid = read_grid(write_yaml(tmp_path / "g.yaml", ATTN_ORDER), load_config(micro))
+    synthetic_study(tmp_path / "points", {p.slug: 0.8 for p in grid.points}, n=60, n_folds=2)
+    folders = {p.name: tmp_path / "points" / p.slug for p in grid.points}
+    serial, parallel = folders["attn_order=serial"], folders["attn_order=parallel"]
+    cpu = {"cpu_count": 2, "gpus": [], "system": {"cpu cores": "2", "CPU native bf16": "yes, AMX"}}
+    for folder, precision, seconds, resumed in ((serial, "bf16-mixed", (90.0, 150.0), None),
+                                                (parallel, "32-true", (60.0, 66.0), 3)):
+        (folder / "versions.json").write_text(json.dumps(cpu))
+        for k, wall in enumerate(seconds):
+            done = {"fold": k, "precision": precision, "wall_seconds": wall, "resumed_from_epoch": resumed if k else None}
+            (folder / f"fold_{k}" / "done.json").write_text(json.dumps(done))
+    sweep_md, _ = write_sweep_report(grid, folders, tmp_path / "report", n_resamples=200)
+    text = sweep_md.read_text(encoding="utf-8")
+    machine = "CPU, 2 cores, native bf16: yes, AMX"
+    assert f"| attn_order=serial | 2 | 4.0 | 2.0 | bf16-mixed | {machine} |" in text
+    assert f"| attn_order=parallel | 2 | 2.1 (1 resumed) | 1.1 | 32-true | {machine} |" in text
+    assert f"(precisions: 32-true, bf16-mixed; machines: {machine})" in text
+    assert "A fold resumed after an interruption" in text
+    table = pd.read_csv(tmp_path / "report" / "sweep_table.csv").set_index("point")
+    assert table.loc["attn_order=serial", "train_minutes"] == 4.0
+    assert table.loc["attn_order=parallel", "precision"] == "32-true"
+
+    (parallel / "fold_1" / "done.json").write_text(json.dumps({"fold": 1}))  # a record from before the times
+    (parallel / "versions.json").unlink()
+    (serial / "fold_0" / "done.json").write_text(json.dumps({"fold": 0, "precision": "32-true", "wall_seconds": 90.0}))
+    (serial / "fold_1" / "done.json").write_text(json.dumps({"fold": 1, "precision": "32-true", "wall_seconds": 150.0}))
+    text = write_sweep_report(grid, folders, tmp_path / "report", n_resamples=200)[0].read_text(encoding="utf-8")
+    assert "| attn_order=parallel | 2 |  |  | 32-true | unknown |" in text
+    assert f"(precisions: 32-true; machines: {machine}; unknown)" in text
+
+
 def test_sweep_trains_every_point_once_and_resumes(micro: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     grid, out = write_yaml(tmp_path / "grid.yaml", ATTN_ORDER), tmp_path / "sweep"
     args = ("sweep", "--config", micro, "--grid", grid, "--data", SAMPLE, "--out", out, "--resamples", "200")

@@ -12,10 +12,14 @@ correction across the points. On top of it, per cohort:
   dashed horizontal lines on line plots.
 
 F1 is read at the paper's threshold 0.5; the tables also give F1 at each point's operating point.
+A last table gives each point's training cost (minutes, precision, machine, from its folds' records),
+because an ablation is also a trade of accuracy against cost, and because points trained on other
+machines or in another precision (a grid split over sessions or a cluster) are not like for like.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,6 +33,7 @@ from hsqformer.evaluation.statistics import format_ci, format_p
 from hsqformer.sweep.grid import Grid, Point
 from hsqformer.sweep.settings import set_arguments
 from hsqformer.files import write_csv, write_text
+from hsqformer.training.run_folder import DONE_FILE, VERSIONS_FILE
 
 #: What the figures show: label and how to read it (value, CI) from compare's per-model record.
 METRICS: tuple[tuple[str, Callable[[dict[str, Any]], tuple[float, tuple[float, float]]]], ...] = (
@@ -60,8 +65,77 @@ def write_sweep_report(grid: Grid, folders: dict[str, Path], out: Path, *, unfin
         figures[cohort] = [path.name for path in grid_figures(grid, part, cohort, out)]
         tables.append((cohort, part, _table(grid, points, part, fold_aucs if cohort == "validation" else None)))
         rows += _csv_rows(points, cohort, part, fold_aucs)
+    costs = {p.name: training_cost(folders[p.name]) for p in points}
+    for row in rows:
+        cost = costs[row["point"]]
+        row.update({"train_minutes": cost["minutes"], "precision": " ".join(cost["precisions"]),
+                    "machine": cost["machine"]})
     write_csv(out / "sweep_table.csv", pd.DataFrame(rows))
-    return write_text(out / "sweep.md", _markdown(grid, report, tables, figures, unfinished, header)), report
+    text = _markdown(grid, report, tables, figures, unfinished, header) + _cost_section(costs)
+    return write_text(out / "sweep.md", text), report
+
+
+def training_cost(run: Path) -> dict[str, Any]:
+    """What training a run cost, from its folds' ``done.json`` and its ``versions.json``.
+
+    ``minutes`` sums the folds' wall times (None when a fold did not record one); a fold resumed after
+    an interruption recorded only the time since the resume, counted in ``resumed``. ``machine`` is
+    the GPUs' names or the CPU's cores and native bf16, as ``hsqformer info --system`` says them.
+    """
+    folds = [_read_json(path) for path in sorted(run.glob(f"fold_*/{DONE_FILE}"))]
+    seconds = [fold.get("wall_seconds") for fold in folds]
+    known = folds and all(isinstance(s, (int, float)) for s in seconds)
+    return {
+        "folds": len(folds),
+        "minutes": round(sum(seconds) / 60, 1) if known else None,
+        "resumed": sum(fold.get("resumed_from_epoch") is not None for fold in folds),
+        "precisions": sorted({str(fold["precision"]) for fold in folds if fold.get("precision")}),
+        "machine": _machine(_read_json(run / VERSIONS_FILE)),
+    }
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _machine(versions: dict[str, Any]) -> str:
+    if versions.get("gpus"):
+        names = versions["gpus"]
+        return f"{len(names)}× {names[0]}" if len(set(names)) == 1 else ", ".join(names)
+    system = versions.get("system") or {}
+    if not system and not versions.get("cpu_count"):
+        return "unknown"
+    cores = system.get("cpu cores", versions.get("cpu_count", "?"))
+    bf16 = system.get("CPU native bf16")
+    return f"CPU, {cores} cores" + (f", native bf16: {bf16}" if bf16 else "")
+
+
+def _cost_section(costs: dict[str, dict[str, Any]]) -> str:
+    lines = ["", "## Training cost", "",
+             "Each point's training time is the sum of its folds' wall times as `cv` recorded them (evaluation "
+             "included); times compare only between points trained on the same machine.", "",
+             "| point | folds | training min | min per fold | precision | machine |", "| --- | --- | --- | --- | --- | --- |"]
+    for name, cost in costs.items():
+        minutes, folds = cost["minutes"], cost["folds"]
+        total = "" if minutes is None else f"{minutes:.1f}" + (f" ({cost['resumed']} resumed)" if cost["resumed"] else "")
+        per_fold = "" if minutes is None or not folds else f"{minutes / folds:.1f}"
+        lines.append(f"| {name} | {folds} | {total} | {per_fold} | {', '.join(cost['precisions']) or 'unknown'} | "
+                     f"{cost['machine']} |")
+    if any(cost["resumed"] for cost in costs.values()):
+        lines += ["", "A fold resumed after an interruption recorded its time from the resume only: those totals "
+                  "are too low."]
+    precisions = sorted({p for cost in costs.values() for p in cost["precisions"]})
+    machines = {cost["machine"] for cost in costs.values()}
+    if len(precisions) > 1 or len(machines) > 1:
+        lines += ["", "**Not like for like**: the points were trained in more than one precision or on more than one "
+                  f"kind of machine (precisions: {', '.join(precisions) or 'unknown'}; machines: "
+                  f"{'; '.join(sorted(machines))}); part of a difference between points may be that, and their "
+                  "times do not compare."]
+    return "\n".join(lines) + "\n"
 
 
 def grid_figures(grid: Grid, part: dict[str, Any], cohort: str, out: Path) -> list[Path]:
