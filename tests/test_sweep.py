@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import matplotlib.colors
 import numpy as np
 import pandas as pd
 import pytest
@@ -159,6 +160,26 @@ def test_report_reads_the_grid_with_compare(micro: Path, tmp_path: Path) -> None
     assert "Not finished, left out: MLP." in sweep_md.read_text(encoding="utf-8")
     with pytest.raises(HSQformerError, match="reference point .* is not finished"):
         write_sweep_report(grid, {"MLP": folders["MLP"]}, tmp_path / "report")
+
+
+def test_line_figure_gives_each_series_and_off_grid_point_its_own_colour(
+        micro: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fig. 8's figure once drew the MLP's dashed line in the colour of the top-2 series (the base ring took one)."""
+    import hsqformer.evaluation.figures as figures
+
+    grid = read_grid(write_yaml(tmp_path / "g.yaml", EXPERTS), load_config(micro))
+    synthetic_study(tmp_path / "points", {p.slug: 0.6 for p in grid.points}, n=60, n_folds=2)
+    _, report = write_sweep_report(grid, {p.name: tmp_path / "points" / p.slug for p in grid.points},
+                                   tmp_path / "report", n_resamples=50)
+    drawn = []
+    monkeypatch.setattr(figures, "save_png", lambda fig, path: drawn.append(fig) or path)
+    grid_figures(grid, report["cohorts"]["validation"], "validation", tmp_path / "figures")
+    for ax in drawn[0].axes:
+        handles, labels = ax.get_legend_handles_labels()
+        assert len(labels) == 3, labels  # two routing series and the MLP
+        colours = {matplotlib.colors.to_hex(h.lines[0].get_color() if hasattr(h, "lines") else h.get_color())
+                   for h in handles}
+        assert len(colours) == 3, labels
 
 
 def test_report_gives_each_points_training_cost_and_flags_mixed_precision(micro: Path, tmp_path: Path) -> None:

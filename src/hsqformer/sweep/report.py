@@ -211,7 +211,7 @@ def _lines(grid: Grid, part: dict[str, Any], cohort: str, path: Path) -> Path:
                     values[i] = _value(part, point.name, read)
             shift = (j - (len(series) - 1) / 2) * 0.06
             ax.errorbar(x + shift, values[:, 0], yerr=np.abs(values[:, 1:].T - values[:, 0]), marker="o", ms=4,
-                        capsize=3, label=f"{second.name}={label}" if second else metric)
+                        capsize=3, color=f"C{j}", label=f"{second.name}={label}" if second else metric)
             base = grid.base.coords
             if base and (second is None or base[second.name] == label):
                 i = first.labels.index(base[first.name])
