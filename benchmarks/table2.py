@@ -17,10 +17,18 @@ tune`` runs N trials of the preset's search space (configs/tune/PRESET.yaml: lea
 decay, drop path, mixup on/off; patient-level CV AUC on the training data only, never a test cohort) into
 ``benchmarks/runs/table2_NAME_tunedN/tune/<key>/``; then each model's final cross-validation runs with its best
 recipe (``best.yaml``), test cohorts included, into ``benchmarks/runs/table2_NAME_tunedN/<key>/``, and compare
-writes ``benchmarks/results/compare_NAME_tunedN/``. Without the flag each config runs with its own fixed recipe.
+writes ``benchmarks/results/compare_NAME_tunedN/``. Without a test cohort the final run is the best trial's cv
+run, copied: best.yaml on the same folds with the same seed would only repeat it. Without the flag each config
+runs with its own fixed recipe.
+
+Each search is also copied, without weights or unfinished folds, to ``benchmarks/results/tune_NAME_tunedN/<key>/``
+(its report, best.yaml and trials, and the study and trial folders it resumes from), after it ends and when it is
+stopped (Ctrl-C, or SIGTERM to the ``hsqformer tune`` process): a search longer than one session goes on elsewhere
+once that folder is copied back to the run folder.
+``--only`` sets the order, so the cheap models can go first:
 
     .venv/bin/python benchmarks/table2.py --preset cpu --data ../shared/data/liver-sysu --name liver-sysu_cpu \
-        --only hsqformer_s,lite0,lite1 --tune-trials 8
+        --only lite0,lite1,hsqformer_s --tune-trials 4
 
 With ``--variant KEY=CONFIG`` (repeatable) the benchmark asks whether a change of HSQformer helps: each variant
 is trained into the same run folder as the preset (whose finished runs are reused) and becomes the reference, so
@@ -48,13 +56,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 from common import keep_labels, markdown_header
 
 from hsqformer.errors import HSQformerError
+from hsqformer.training.config import config_to_dict, first_difference, load_config
+from hsqformer.training.run_folder import read_saved_config
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -73,12 +85,39 @@ PRESETS = {
 }
 
 
-def hsqformer(*args: str) -> None:
-    """Run one ``hsqformer`` command of this environment; stop the benchmark if it fails."""
+def run_hsqformer(*args: str) -> int:
+    """Run one ``hsqformer`` command of this environment; its exit status (130 after Ctrl-C)."""
     command = [str(Path(sys.executable).with_name("hsqformer")), *args]
     print("+", " ".join(command), flush=True)
-    if subprocess.run(command, cwd=REPO).returncode != 0:
-        sys.exit(f"error: {' '.join(command[1:3])} failed; fix it and rerun this benchmark (finished runs are kept)")
+    try:
+        return subprocess.run(command, cwd=REPO).returncode
+    except KeyboardInterrupt:  # the command got the Ctrl-C too and ended; what it kept is saved by the caller
+        return 130
+
+
+def hsqformer(*args: str) -> None:
+    """Run one ``hsqformer`` command of this environment; stop the benchmark if it fails."""
+    if run_hsqformer(*args) != 0:
+        sys.exit(f"error: {' '.join(args[:2])} failed; fix it and rerun this benchmark (finished runs are kept)")
+
+
+def save_search(search: Path, saved: Path) -> None:
+    """Copy a search folder into the results without weights or unfinished folds: its report, and all it resumes from.
+
+    ``study.db``, ``tune.json`` and the trials' cv folders (finished folds only) are what ``hsqformer tune``
+    needs to go on where it stopped, so a search longer than one machine's session continues on another.
+    """
+    def left_out(folder: str, names: list[str]) -> set[str]:
+        unfinished = {n for n in names if n.startswith("fold_") and not (Path(folder) / n / "done.json").is_file()}
+        return unfinished | {n for n in names if n.endswith(".safetensors") or n in ("lightning", "logs", "tune.lock")}
+
+    if not search.is_dir():
+        return
+    partial = saved.with_name(saved.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(search, partial, ignore=left_out)
+    shutil.rmtree(saved, ignore_errors=True)
+    partial.rename(saved)
 
 
 def main() -> None:
@@ -115,6 +154,7 @@ def main() -> None:
     keys = [*variants, *keys]
     name = args.name if args.tune_trials is None else f"{args.name}_tuned{args.tune_trials}"
     runs = HERE / "runs" / f"table2_{name}"
+    searches = HERE / "results" / f"tune_{name}"
     report_name = "_".join([name, *variants])
     data = args.data
     if args.labels:
@@ -131,9 +171,19 @@ def main() -> None:
         config = configs[key]
         if args.tune_trials is not None:  # equal budget: the same number of trials of the same space for every model
             search = runs / "tune" / key
-            hsqformer("tune", "--config", config, "--space", SPACES[args.preset], "--trials", str(args.tune_trials),
-                      "--data", data, *overrides, "--out", str(search))
+            status = run_hsqformer("tune", "--config", config, "--space", SPACES[args.preset], "--trials",
+                                   str(args.tune_trials), "--data", data, *overrides, "--out", str(search))
+            save_search(search, searches / key)
+            if status != 0:
+                sys.exit(f"error: tune failed or was stopped; rerun this benchmark to resume (elsewhere: copy "
+                         f"{searches.relative_to(REPO) / key}, the search so far, back to {search.relative_to(REPO)})")
             config = str(search / "best.yaml")
+            trial = None if args.test else best_trial_run(search)
+            if trial is not None:
+                copy_run(trial, out)
+                print(f"{key}: final run = {trial.relative_to(REPO)}, copied (without a test cohort, best.yaml's "
+                      "cross-validation on the same folds would repeat that trial)", flush=True)
+                continue
         if (out / "run.json").is_file():
             hsqformer("cv", "--out", str(out), "--resume")
         else:
@@ -169,6 +219,41 @@ def parse_variants(items: list[str], preset: dict[str, str], flag: str = "--vari
     return variants
 
 
+def best_trial_run(search: Path) -> Path | None:
+    """The finished cv run of a search's trial whose config is the search's ``best.yaml``, or None.
+
+    Without a test cohort the final cross-validation of best.yaml would train that trial again on the
+    same folds with the same seed; its run is taken instead.
+    """
+    best = search / "best.yaml"
+    if not best.is_file():
+        return None
+    recipe = config_to_dict(load_config(best))
+    for trial in sorted((search / "trials").glob("trial_*")):
+        finished = (trial / "metrics.json").is_file()
+        if finished and first_difference(config_to_dict(read_saved_config(trial)), recipe) is None:
+            return trial
+    return None
+
+
+def copy_run(trial: Path, out: Path) -> None:
+    """Copy a finished cv run (without weights) to ``out``, whole or not at all."""
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(trial, partial, ignore=shutil.ignore_patterns("*.safetensors", "lightning"))
+    partial.rename(out)
+
+
+def tuning_minutes(search: Path) -> tuple[float, int]:
+    """Wall time of a search's trials (minutes, complete and pruned) and how many trials that is."""
+    table = search / "trials.csv"
+    if not table.is_file():
+        return 0.0, 0
+    trials = pd.read_csv(table)
+    counted = trials[trials["state"].isin(["complete", "pruned"])]
+    return float(counted["minutes"].fillna(0).sum()), len(counted)
+
+
 def training_minutes(run: Path) -> tuple[float, int]:
     """Training wall time of a finished run (sum over folds, minutes) and how many folds were resumed."""
     done = [json.loads(path.read_text(encoding="utf-8")) for path in sorted(run.glob("fold_*/done.json"))]
@@ -180,15 +265,39 @@ def summarize(
     args: argparse.Namespace, name: str, configs: dict[str, str], runs: Path, report: Path, notes: str | None
 ) -> str:
     """The benchmark's summary page: machine, runs, training times, then compare's report with its figures."""
+    tuned = args.tune_trials is not None
+    searches = HERE / "results" / f"tune_{name}"
     rows = []
     for key, config in configs.items():
         run = runs / key
+        tuning = ""
+        if tuned and not (searches / key / "report.md").is_file():
+            tuning = " not tuned |"
+        elif tuned:
+            minutes, count = tuning_minutes(searches / key)
+            tuning = f" {count} trials, {minutes:.1f} min: [report]({searches.name}/{key}/report.md) |"
         if not (run / "metrics.json").is_file():
-            rows.append(f"| {key} | `{config}` | not run | |")
+            rows.append(f"| {key} | `{config}` |{tuning} not run | |")
             continue
         minutes, resumed = training_minutes(run)
         note = f" ({resumed} fold(s) resumed: time after resuming only)" if resumed else ""
-        rows.append(f"| {key} | `{config}` | {minutes:.1f} min{note} | `{run.relative_to(REPO)}` |")
+        rows.append(f"| {key} | `{config}` |{tuning} {minutes:.1f} min{note} | `{run.relative_to(REPO)}` |")
+    if tuned:
+        final = (
+            "each final run is its search's best trial, copied (without a test cohort, best.yaml's cross-validation "
+            "on the same folds would repeat it)" if not args.test else "each final run trains its search's best.yaml"
+        )
+        runs_text = (
+            f" Every model first got the same tuning budget, {args.tune_trials} trials of `{SPACES[args.preset]}`, "
+            f"judged by cross-validation on the training data; the searches (report, best.yaml, trials, study) are in "
+            f"`{searches.relative_to(REPO)}/`; {final}. The best of a few trials chosen on these folds is "
+            "optimistic for every model alike."
+        )
+        head = ["| key | base config | tuning (trials, time) | final run: training time (sum over folds) "
+                "| run folder (git-ignored) |", "|---|---|---|---|---|"]
+    else:
+        runs_text = ""
+        head = ["| key | config | training time (sum over folds) | run folder (git-ignored) |", "|---|---|---|---|"]
     body = (report / "report.md").read_text(encoding="utf-8")
     body = ("\n" + body).replace("](", f"]({report.name}/").replace("\n# ", "\n## ")  # figures live in the report folder
     return "\n".join([
@@ -199,10 +308,10 @@ def summarize(
         f"Data `{args.data}`"
         + (f", labels {args.labels} only" if args.labels else "")
         + (f"; every model with `{' '.join('--set ' + o for o in args.overrides)}`" if args.overrides else "")
-        + f"; every run on the same seeded folds; compare's report, figures and JSON in `{report.relative_to(REPO)}/`.",
+        + f"; every run on the same seeded folds; compare's report, figures and JSON in `{report.relative_to(REPO)}/`."
+        + runs_text,
         "",
-        "| key | config | training time (sum over folds) | run folder (git-ignored) |",
-        "|---|---|---|---|",
+        *head,
         *rows,
         "",
         body,
