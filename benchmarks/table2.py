@@ -59,6 +59,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -111,13 +112,17 @@ def save_search(search: Path, saved: Path) -> None:
         unfinished = {n for n in names if n.startswith("fold_") and not (Path(folder) / n / "done.json").is_file()}
         return unfinished | {n for n in names if n.endswith(".safetensors") or n in ("lightning", "logs", "tune.lock")}
 
-    if not search.is_dir():
-        return
-    partial = saved.with_name(saved.name + ".partial")
+    if search.is_dir():
+        replace_with_copy(search, saved, left_out)
+
+
+def replace_with_copy(source: Path, dest: Path, ignore: Callable[[str, list[str]], set[str]]) -> None:
+    """Copy ``source`` to ``dest`` (replacing it) without what ``ignore`` names; ``dest`` is whole or left as it was."""
+    partial = dest.with_name(dest.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    shutil.copytree(search, partial, ignore=left_out)
-    shutil.rmtree(saved, ignore_errors=True)
-    partial.rename(saved)
+    shutil.copytree(source, partial, ignore=ignore)
+    shutil.rmtree(dest, ignore_errors=True)
+    partial.rename(dest)
 
 
 def main() -> None:
@@ -154,7 +159,7 @@ def main() -> None:
     keys = [*variants, *keys]
     name = args.name if args.tune_trials is None else f"{args.name}_tuned{args.tune_trials}"
     runs = HERE / "runs" / f"table2_{name}"
-    searches = HERE / "results" / f"tune_{name}"
+    searches = HERE / "results" / f"tune_{name}"  # each search saved, committed with the results
     report_name = "_".join([name, *variants])
     data = args.data
     if args.labels:
@@ -180,7 +185,7 @@ def main() -> None:
             config = str(search / "best.yaml")
             trial = None if args.test else best_trial_run(search)
             if trial is not None:
-                copy_run(trial, out)
+                replace_with_copy(trial, out, shutil.ignore_patterns("*.safetensors", "lightning"))
                 print(f"{key}: final run = {trial.relative_to(REPO)}, copied (without a test cohort, best.yaml's "
                       "cross-validation on the same folds would repeat that trial)", flush=True)
                 continue
@@ -197,7 +202,7 @@ def main() -> None:
     extra = ["--target-sensitivity", str(args.target_sensitivity)] if args.target_sensitivity else []
     hsqformer("compare", *finished, "--floor", "--out", str(report), "--overwrite", *extra)
     summary = report.with_suffix(".md")
-    summary.write_text(summarize(args, report_name, configs, runs, report, notes), encoding="utf-8")
+    summary.write_text(summarize(args, report_name, configs, runs, searches, report, notes), encoding="utf-8")
     print(f"summary: {summary.relative_to(REPO)}", flush=True)
 
 
@@ -236,14 +241,6 @@ def best_trial_run(search: Path) -> Path | None:
     return None
 
 
-def copy_run(trial: Path, out: Path) -> None:
-    """Copy a finished cv run (without weights) to ``out``, whole or not at all."""
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    shutil.copytree(trial, partial, ignore=shutil.ignore_patterns("*.safetensors", "lightning"))
-    partial.rename(out)
-
-
 def tuning_minutes(search: Path) -> tuple[float, int]:
     """Wall time of a search's trials (minutes, complete and pruned) and how many trials that is."""
     table = search / "trials.csv"
@@ -262,11 +259,11 @@ def training_minutes(run: Path) -> tuple[float, int]:
 
 
 def summarize(
-    args: argparse.Namespace, name: str, configs: dict[str, str], runs: Path, report: Path, notes: str | None
+    args: argparse.Namespace, name: str, configs: dict[str, str], runs: Path, searches: Path, report: Path,
+    notes: str | None,
 ) -> str:
     """The benchmark's summary page: machine, runs, training times, then compare's report with its figures."""
     tuned = args.tune_trials is not None
-    searches = HERE / "results" / f"tune_{name}"
     rows = []
     for key, config in configs.items():
         run = runs / key
