@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from hsqformer.sweep.tune import STUDY_NAME, ReportAUC, read_space
+from hsqformer.sweep.tune import STUDY_NAME, ReportAUC, load_study, read_space
 from hsqformer.training.config import load_config
 from shared_data import SAMPLE
 from test_cli_cv import run_cli
@@ -111,6 +111,24 @@ def test_validation_auc_reaches_the_pruner_per_epoch() -> None:
     weak = ReportAUC(study.ask(), fold=0, epochs=2)
     with pytest.raises(optuna.TrialPruned, match="fold 0, epoch 0: best validation AUC 0.600"):
         epoch(weak, 0, 0.6)
+
+
+def test_a_restarted_search_draws_settings_unlike_earlier_starts(tmp_path: Path) -> None:
+    """Each start seeds the sampler from the trials so far; nearby seeds must not give nearby draws.
+
+    With ``seed + trials so far`` as the seed, the starts after 0 and 3 trials drew (0.549, 0.715) and
+    (0.551, 0.708): NumPy's legacy generator from seeds 0 and 3. On liver-sysu that repeated a trial.
+    """
+    search = SimpleNamespace(storage=f"sqlite:///{tmp_path / 'study.db'}", seed=0, startup_trials=lambda: 10,
+                             space=SimpleNamespace(pruning=False), base=SimpleNamespace(trainer=SimpleNamespace(epochs=2)))
+    draws = []
+    for _ in range(8):  # each start: one trial, then interrupted
+        study = load_study(search)
+        trial = study.ask()
+        draws.append((trial.suggest_float("a", 0.0, 1.0), trial.suggest_float("b", 0.0, 1.0)))
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    nearest = min(max(abs(a - c), abs(b - d)) for i, (a, b) in enumerate(draws) for c, d in draws[:i])
+    assert nearest > 0.01, draws  # independent draws: a pair this close by chance about 1 time in 100
 
 
 def _trials(out: Path) -> pd.DataFrame:

@@ -118,7 +118,7 @@ def register(app: typer.Typer) -> None:
         set_: Annotated[
             Optional[list[str]], typer.Option("--set", help="Override of the base config KEY=VALUE.")
         ] = None,
-        seed: Annotated[int, typer.Option("--seed", help="Seed of the TPE sampler.")] = 0,
+        seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the TPE sampler.")] = 0,
         jobs: Annotated[
             Optional[int], typer.Option("--jobs", min=1, help="Trials run at once, by worker processes sharing the "
                                         "study (default: one per --devices entry, else 1).")
