@@ -34,8 +34,9 @@ run resumed where it stopped (done folds skipped). ``--trials`` is the total bud
 pruned trials), so a larger number extends a finished search. The sampler is seeded with
 ``--seed``, the worker and the number of trials so far, mixed by NumPy's ``SeedSequence``: an
 interrupted search does not redraw the same settings (seeding with ``--seed`` plus the count did:
-NumPy's legacy generator draws nearly the same first numbers from seeds 0 and 3). With ``--jobs N`` (and ``--devices``), N worker processes share the study, each running
-its share of the remaining trials; the TPE sampler's constant liar keeps them apart.
+NumPy's legacy generator draws nearly the same first numbers from seeds 0 and 3). With
+``--jobs N`` (and ``--devices``), N worker processes share the study, each running its share of
+the remaining trials; the TPE sampler's constant liar keeps them apart.
 
 Outputs: ``best.yaml`` (the base config with the best trial's settings: a complete config for
 the final ``hsqformer cv``), ``trials.csv``, ``report.md`` with ``history.png``.
