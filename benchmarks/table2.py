@@ -19,7 +19,9 @@ decay, drop path, mixup on/off; patient-level CV AUC on the training data only, 
 recipe (``best.yaml``), test cohorts included, into ``benchmarks/runs/table2_NAME_tunedN/<key>/``, and compare
 writes ``benchmarks/results/compare_NAME_tunedN/``. Without a test cohort the final run is the best trial's cv
 run, copied: best.yaml on the same folds with the same seed would only repeat it. Without the flag each config
-runs with its own fixed recipe.
+runs with its own fixed recipe. With ``--tune-from-base`` too, each search's trial 0 is the model's own config
+(``hsqformer tune --start-from-base``), so no model's tuned recipe falls below its hand recipe by the luck of the
+draws; the folders are then named ``NAME_tunedN_from_base``.
 
 Each search is also copied, without weights or unfinished folds, to ``benchmarks/results/tune_NAME_tunedN/<key>/``
 (its report, best.yaml and trials, and the study and trial folders it resumes from), after it ends and when it is
@@ -42,14 +44,14 @@ Presets:
 - ``cpu``: HSQformer-S of configs/cpu.yaml against EfficientNet-Lite0/1/2 alone, each with a learning
   rate of its own (configs/cpu_baselines/). On liver-sysu, 2 cores without native bf16 (fp32): HSQformer-S
   ~105 min, Lite0 ~25 min (compare_liver-sysu_cpu.md has every model's time).
+- ``paper``: HSQformer-B of configs/paper.yaml against the twelve baselines of configs/baselines/
+  (GPU; ImageNet weights must be reachable, see the configs' comments).
 
 ``--labels`` keeps some classes of the data (written as ``manifest.csv`` in the run folder, which every model
 reads) and ``--set KEY=VALUE`` changes every model's config alike, e.g. busi benign vs malignant, smaller:
 
     .venv/bin/python benchmarks/table2.py --preset cpu --data ../shared/data/busi --labels benign,malignant \
         --set augment.img_size=128 --set trainer.epochs=5 --name busi-benign-malignant_cpu
-- ``paper``: HSQformer-B of configs/paper.yaml against the twelve baselines of configs/baselines/
-  (GPU; ImageNet weights must be reachable, see the configs' comments).
 """
 
 from __future__ import annotations
@@ -138,12 +140,16 @@ def main() -> None:
     parser.add_argument("--target-sensitivity", type=float, default=None)
     parser.add_argument("--tune-trials", type=int, default=None,
                         help="tune every model with this many trials of the preset's space, then train its best recipe")
+    parser.add_argument("--tune-from-base", action="store_true",
+                        help="with --tune-trials: each search's trial 0 is the model's own config (tune --start-from-base)")
     parser.add_argument("--notes", type=Path, help="markdown file whose text goes into the summary, under its header")
     parser.add_argument("--variant", action="append", default=[], metavar="KEY=CONFIG",
                         help="a changed HSQformer config, trained too and made the reference (repeatable)")
     args = parser.parse_args()
     if args.tune_trials is not None and args.tune_trials < 1:
         sys.exit(f"error: --tune-trials must be at least 1, got {args.tune_trials}")
+    if args.tune_from_base and args.tune_trials is None:
+        sys.exit("error: --tune-from-base needs --tune-trials")
     try:
         notes = args.notes.read_text(encoding="utf-8").strip() if args.notes else None
     except (OSError, UnicodeDecodeError) as err:
@@ -158,6 +164,7 @@ def main() -> None:
     configs = {**variants, **preset}  # a variant first: the reference of the comparison
     keys = [*variants, *keys]
     name = args.name if args.tune_trials is None else f"{args.name}_tuned{args.tune_trials}"
+    name += "_from_base" if args.tune_from_base else ""
     runs = HERE / "runs" / f"table2_{name}"
     searches = HERE / "results" / f"tune_{name}"  # each search saved, committed with the results
     report_name = "_".join([name, *variants])
@@ -177,7 +184,8 @@ def main() -> None:
         if args.tune_trials is not None:  # equal budget: the same number of trials of the same space for every model
             search = runs / "tune" / key
             status = run_hsqformer("tune", "--config", config, "--space", SPACES[args.preset], "--trials",
-                                   str(args.tune_trials), "--data", data, *overrides, "--out", str(search))
+                                   str(args.tune_trials), "--data", data, *overrides, "--out", str(search),
+                                   *(["--start-from-base"] if args.tune_from_base else []))
             save_search(search, searches / key)
             if status != 0:
                 sys.exit(f"error: tune failed or was stopped; rerun this benchmark to resume (elsewhere: copy "
@@ -285,8 +293,8 @@ def summarize(
             "on the same folds would repeat it)" if not args.test else "each final run trains its search's best.yaml"
         )
         runs_text = (
-            f" Every model first got the same tuning budget, {args.tune_trials} trials of `{SPACES[args.preset]}`, "
-            f"judged by cross-validation on the training data; the searches (report, best.yaml, trials, study) are in "
+            f" Every model first got the same tuning budget, {args.tune_trials} trials of `{SPACES[args.preset]}`"
+            f"{' (trial 0: the base config itself)' if args.tune_from_base else ''}, judged by cross-validation on the training data; the searches (report, best.yaml, trials, study) are in "
             f"`{searches.relative_to(REPO)}/`; {final}. The best of a few trials chosen on these folds is "
             "optimistic for every model alike."
         )

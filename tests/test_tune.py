@@ -175,3 +175,52 @@ def test_search_runs_resumes_an_interrupted_trial_and_extends(micro: Path, tmp_p
     code, err = run_cli(*args, "--trials", "3", "--seed", "1")
     assert code == 2 and "holds a search with another --seed" in err.strip().splitlines()[-1]
     assert yaml.safe_load((out / "tune.json").read_text())["seed"] == 0
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"optimizer.lr": {"low": 2.0e-4, "high": 1.0e-2, "log": True}},
+         "'optimizer.lr': the base config's value 0.0001 is outside the range [0.0002, 0.01]"),
+        ({"mixup": {"choices": {"off": {"augment.mixup": 0.0, "augment.cutmix": 0.0},
+                                "half": {"augment.mixup": 0.4, "augment.cutmix": 1.0}}}},
+         "the base config's augment.cutmix = 1, augment.mixup = 0.8 is none of the choices (off, half)"),
+        ({"optimizer.lr": {"low": 5.0e-5, "high": 1.0e-3, "step": 1.0e-4}},
+         "'optimizer.lr': the base config's value 0.0001 is not on the range's steps of 0.0001 from "),
+        ({"model.kwargs.mlp_ratio": {"low": 1.0, "high": 4.0}},
+         "the base config does not set 'model.kwargs.mlp_ratio'; set it (in the config or with --set)"),
+    ],
+)
+def test_start_from_base_needs_a_space_that_can_draw_the_base(micro: Path, tmp_path: Path, params: dict,
+                                                              message: str) -> None:
+    out = tmp_path / "search"
+    space = write_yaml(tmp_path / "space.yaml", {"params": params})
+    code, err = run_cli("tune", "--config", micro, "--space", space, "--trials", "2", "--data", SAMPLE, "--out", out,
+                        "--start-from-base")
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("error: --start-from-base, space ") and message in last, err[-2000:]
+    assert not out.exists()
+
+
+def test_start_from_base_runs_the_base_recipe_first(micro: Path, tmp_path: Path) -> None:
+    space, out = write_yaml(tmp_path / "space.yaml", SPACE), tmp_path / "search"
+    args = ["tune", "--config", micro, "--space", space, "--data", SAMPLE, "--out", out, "--trials", "2"]
+    code, err = run_cli(*args, "--start-from-base")
+    assert code == 0, err[-3000:]
+    assert "trial 0 is the base config's own settings (--start-from-base)" in err
+    base = load_config(micro)
+    first = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{out / 'study.db'}").trials[0]
+    assert first.params == {"optimizer.lr": pytest.approx(base.optimizer.lr), "mixup": "on"}  # micro: smoke's mixup
+    assert first.user_attrs["settings"] == {"optimizer.lr": pytest.approx(base.optimizer.lr),
+                                            "augment.mixup": 0.8, "augment.cutmix": 1.0}
+    table = pd.read_csv(out / "trials.csv")
+    assert table["base"].tolist() == [True, False]
+    assert table.loc[1, "optimizer.lr"] != pytest.approx(base.optimizer.lr)  # the second trial is drawn
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "| 0 (base config) | complete |" in report and "Trial 0 is the base config's own settings" in report
+
+    code, err = run_cli(*args)
+    assert code == 2 and "holds a search with another --start-from-base" in err.strip().splitlines()[-1]
+    code, err = run_cli(*args, "--start-from-base")
+    assert code == 0 and "2 of 2 trials finished earlier; 0 to run" in err, err[-2000:]
+    assert len(optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{out / 'study.db'}").trials) == 2

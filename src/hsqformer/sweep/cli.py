@@ -130,6 +130,10 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option("--keep-weights", help="Keep the trials' fold weights (deleted by default: the final "
                                "cv with best.yaml trains the models to keep).")
         ] = False,
+        start_from_base: Annotated[
+            bool, typer.Option("--start-from-base", help="Run the base config's own settings first, as trial 0 (one "
+                               "of the random startup trials), so a search never misses the recipe it starts from.")
+        ] = False,
         worker: Annotated[Optional[int], typer.Option("--worker", hidden=True)] = None,
         worker_trials: Annotated[int, typer.Option("--worker-trials", hidden=True, min=1)] = 1,
     ) -> None:
@@ -140,7 +144,7 @@ def register(app: typer.Typer) -> None:
 
         device_list = parse_devices(devices)
         search = search_module.open_search(config, set_ or [], space, data, out, trials=trials, seed=seed,
-                                           keep_weights=keep_weights)
+                                           keep_weights=keep_weights, start_from_base=start_from_base)
         try:
             if worker is not None:  # a child of a parallel search: the parent holds the lock and writes the results
                 search_module.run_trials(search, worker_trials, worker)
