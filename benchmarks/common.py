@@ -17,17 +17,6 @@ if TYPE_CHECKING:
     import torch
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _memory_gib() -> float:
     try:
         with open("/proc/meminfo") as handle:
@@ -43,7 +32,7 @@ def machine_info() -> dict[str, str]:
     """Command line, date, CPU, cores, memory and package versions of this run."""
     import torch
 
-    from hsqformer.hardware import cpu_capability, cpu_native_bf16
+    from hsqformer.hardware import cpu_capability, cpu_model, cpu_native_bf16
 
     native, why = cpu_native_bf16()
     versions = {}
@@ -55,7 +44,7 @@ def machine_info() -> dict[str, str]:
     return {
         "command": " ".join(shlex.quote(a) for a in [os.path.relpath(sys.executable), *sys.argv]),
         "date (UTC)": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "torch CPU capability": cpu_capability(),
         "CPU native bf16": f"yes, {why}" if native else f"no: {why}",
         "cores": str(os.cpu_count()),

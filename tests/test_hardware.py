@@ -80,3 +80,4 @@ def test_info_system_prints_the_machine_facts():
     assert lines["torch CPU capability"] == torch.backends.cpu.get_cpu_capability()
     assert lines["CPU native bf16"].startswith(("yes", "no"))
     assert lines["precision: auto"].split()[0] in ("bf16-mixed", "32-true")
+    assert lines["cpu"] and lines["cpu"] in hardware.machine_label("cpu")

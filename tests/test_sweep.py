@@ -26,6 +26,7 @@ import yaml
 from sklearn.metrics import roc_auc_score
 
 from hsqformer.errors import HSQformerError
+from hsqformer.hardware import machine_label
 from hsqformer.sweep.grid import read_grid
 from hsqformer.sweep.report import grid_figures, write_sweep_report
 from hsqformer.training.config import load_config
@@ -215,6 +216,13 @@ def test_report_gives_each_points_training_cost_and_flags_mixed_precision(micro:
     assert "| attn_order=parallel | 2 |  |  | 32-true | unknown |" in text
     assert f"(precisions: 32-true; machines: {machine}; unknown)" in text
 
+    # a run resumed on another machine: that fold's own record wins over versions.json (where the run started)
+    elsewhere = "CPU AMD EPYC, 2 cores, native bf16: yes, AVX-512 BF16"
+    (serial / "fold_1" / "done.json").write_text(
+        json.dumps({"fold": 1, "precision": "32-true", "wall_seconds": 150.0, "machine": elsewhere}))
+    text = write_sweep_report(grid, folders, tmp_path / "report", n_resamples=200)[0].read_text(encoding="utf-8")
+    assert f"| attn_order=serial | 2 | 4.0 | 2.0 | 32-true | {elsewhere}; {machine} |" in text
+
 
 def test_sweep_trains_every_point_once_and_resumes(micro: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     grid, out = write_yaml(tmp_path / "grid.yaml", ATTN_ORDER), tmp_path / "sweep"
@@ -225,6 +233,7 @@ def test_sweep_trains_every_point_once_and_resumes(micro: Path, tmp_path: Path, 
     assert sorted(p.name for p in (out / "points").iterdir()) == [parallel.name, serial.name]  # serial is the base
     run = json.loads((parallel / "run.json").read_text(encoding="utf-8"))
     assert "--set model.kwargs.attn_order=parallel" in run["command"]
+    assert json.loads((parallel / "fold_0" / "done.json").read_text(encoding="utf-8"))["machine"] == machine_label()
     assert yaml.safe_load((parallel / "config.yaml").read_text())["model"]["kwargs"]["attn_order"] == "parallel"
     text = (out / "report" / "sweep.md").read_text(encoding="utf-8")
     assert "| attn_order=serial **(reference)** |" in text and "| attn_order=parallel |" in text

@@ -38,6 +38,32 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo; the platform's processor string elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine_label(accelerator: str = AUTO) -> str:
+    """The machine training runs on, in one line: its GPUs where CUDA is used, else the CPU, its cores and native bf16.
+
+    Recorded per fold, because a run resumed elsewhere trains its folds on different machines.
+    """
+    import torch
+
+    if uses_cuda(accelerator):
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        return f"{len(names)}× {names[0]}" if len(set(names)) == 1 else ", ".join(names)
+    native, why = cpu_native_bf16()
+    return f"CPU {cpu_model()}, {os.cpu_count()} cores, native bf16: {'yes, ' + why if native else 'no'}"
+
+
 def cpu_capability() -> str:
     """torch's name for the widest vector instruction set it uses here (e.g. AVX2, AVX512)."""
     import torch
@@ -98,6 +124,7 @@ def system_info() -> dict[str, str]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "platform": platform.platform(),
+        "cpu": cpu_model(),
         "cpu cores": str(os.cpu_count()),
         "torch threads": str(torch.get_num_threads()),
         "torch CPU capability": cpu_capability(),

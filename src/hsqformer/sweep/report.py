@@ -79,10 +79,13 @@ def training_cost(run: Path) -> dict[str, Any]:
     """What training a run cost, from its folds' ``done.json`` and its ``versions.json``.
 
     ``minutes`` sums the folds' wall times (None when a fold did not record one); a fold resumed after
-    an interruption recorded only the time since the resume, counted in ``resumed``. ``machine`` is
-    the GPUs' names or the CPU's cores and native bf16, as ``hsqformer info --system`` says them.
+    an interruption recorded only the time since the resume, counted in ``resumed``. ``machine`` names
+    each machine the folds trained on (a fold's own record, else the run's ``versions.json``, written
+    where the run started): the GPUs' names, or the CPU, its cores and native bf16.
     """
     folds = [_read_json(path) for path in sorted(run.glob(f"fold_*/{DONE_FILE}"))]
+    started_on = _machine(_read_json(run / VERSIONS_FILE))
+    machines = sorted({str(fold.get("machine") or started_on) for fold in folds}) or [started_on]
     seconds = [fold.get("wall_seconds") for fold in folds]
     known = folds and all(isinstance(s, (int, float)) for s in seconds)
     return {
@@ -90,7 +93,7 @@ def training_cost(run: Path) -> dict[str, Any]:
         "minutes": round(sum(seconds) / 60, 1) if known else None,
         "resumed": sum(fold.get("resumed_from_epoch") is not None for fold in folds),
         "precisions": sorted({str(fold["precision"]) for fold in folds if fold.get("precision")}),
-        "machine": _machine(_read_json(run / VERSIONS_FILE)),
+        "machine": "; ".join(machines),
     }
 
 
@@ -109,9 +112,11 @@ def _machine(versions: dict[str, Any]) -> str:
     system = versions.get("system") or {}
     if not system and not versions.get("cpu_count"):
         return "unknown"
+    cpu = f"CPU {system['cpu']}" if system.get("cpu") else "CPU"
     cores = system.get("cpu cores", versions.get("cpu_count", "?"))
     bf16 = system.get("CPU native bf16")
-    return f"CPU, {cores} cores" + (f", native bf16: {bf16}" if bf16 else "")
+    bf16 = "no" if bf16 and bf16.startswith("no") else bf16  # as hsqformer.hardware.machine_label says it
+    return f"{cpu}, {cores} cores" + (f", native bf16: {bf16}" if bf16 else "")
 
 
 def _cost_section(costs: dict[str, dict[str, Any]]) -> str:

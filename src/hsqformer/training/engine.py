@@ -46,7 +46,7 @@ from hsqformer.data.manifest import row_origins
 from hsqformer.errors import HSQformerError
 from hsqformer.evaluation.metrics import classification_metrics, summarize
 from hsqformer.evaluation.report import run_table
-from hsqformer.hardware import resolve_precision
+from hsqformer.hardware import machine_label, resolve_precision
 from hsqformer.training.config import Config, config_from_dict, config_to_dict, first_difference, mixup_enabled
 from hsqformer.files import write_csv, write_json, write_text, write_yaml
 from hsqformer.training.run_folder import (
@@ -184,6 +184,7 @@ def run_cv(
             ) from None
         if _is_rank_zero():
             info["wall_seconds"] = round(time.perf_counter() - fold_started, 1)
+            info["machine"] = machine_label(inputs.cfg.trainer.accelerator)
             write_json(fold_dir / DONE_FILE, info)
             shutil.rmtree(fold_dir / "lightning", ignore_errors=True)
         _barrier()
