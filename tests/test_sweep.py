@@ -222,6 +222,7 @@ def test_report_gives_each_points_training_cost_and_flags_mixed_precision(micro:
         json.dumps({"fold": 1, "precision": "32-true", "wall_seconds": 150.0, "machine": elsewhere}))
     text = write_sweep_report(grid, folders, tmp_path / "report", n_resamples=200)[0].read_text(encoding="utf-8")
     assert f"| attn_order=serial | 2 | 4.0 | 2.0 | 32-true | {elsewhere}; {machine} |" in text
+    assert f"(precisions: 32-true; machines: {elsewhere}; {machine}; unknown)" in text
 
 
 def test_sweep_trains_every_point_once_and_resumes(micro: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -94,6 +94,7 @@ def training_cost(run: Path) -> dict[str, Any]:
         "resumed": sum(fold.get("resumed_from_epoch") is not None for fold in folds),
         "precisions": sorted({str(fold["precision"]) for fold in folds if fold.get("precision")}),
         "machine": "; ".join(machines),
+        "machines": machines,
     }
 
 
@@ -134,7 +135,7 @@ def _cost_section(costs: dict[str, dict[str, Any]]) -> str:
         lines += ["", "A fold resumed after an interruption recorded its time from the resume only: those totals "
                   "are too low."]
     precisions = sorted({p for cost in costs.values() for p in cost["precisions"]})
-    machines = {cost["machine"] for cost in costs.values()}
+    machines = {machine for cost in costs.values() for machine in cost["machines"]}
     if len(precisions) > 1 or len(machines) > 1:
         lines += ["", "**Not like for like**: the points were trained in more than one precision or on more than one "
                   f"kind of machine (precisions: {', '.join(precisions) or 'unknown'}; machines: "
