@@ -50,6 +50,11 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def gpus_label(names: list[str]) -> str:
+    """GPU names in one line: ``N× NAME`` for identical GPUs, else each name."""
+    return f"{len(names)}× {names[0]}" if len(set(names)) == 1 else ", ".join(names)
+
+
 def machine_label(accelerator: str = AUTO) -> str:
     """The machine training runs on, in one line: its GPUs where CUDA is used, else the CPU, its cores and native bf16.
 
@@ -58,8 +63,7 @@ def machine_label(accelerator: str = AUTO) -> str:
     import torch
 
     if uses_cuda(accelerator):
-        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        return f"{len(names)}× {names[0]}" if len(set(names)) == 1 else ", ".join(names)
+        return gpus_label([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])
     native, why = cpu_native_bf16()
     return f"CPU {cpu_model()}, {os.cpu_count()} cores, native bf16: {'yes, ' + why if native else 'no'}"
 

@@ -30,6 +30,7 @@ import pandas as pd
 
 from hsqformer.errors import HSQformerError
 from hsqformer.evaluation.statistics import format_ci, format_p
+from hsqformer.hardware import gpus_label
 from hsqformer.sweep.grid import Grid, Point
 from hsqformer.sweep.settings import set_arguments
 from hsqformer.files import write_csv, write_text
@@ -69,7 +70,7 @@ def write_sweep_report(grid: Grid, folders: dict[str, Path], out: Path, *, unfin
     for row in rows:
         cost = costs[row["point"]]
         row.update({"train_minutes": cost["minutes"], "precision": " ".join(cost["precisions"]),
-                    "machine": cost["machine"]})
+                    "machine": "; ".join(cost["machines"])})
     write_csv(out / "sweep_table.csv", pd.DataFrame(rows))
     text = _markdown(grid, report, tables, figures, unfinished, header) + _cost_section(costs)
     return write_text(out / "sweep.md", text), report
@@ -79,7 +80,7 @@ def training_cost(run: Path) -> dict[str, Any]:
     """What training a run cost, from its folds' ``done.json`` and its ``versions.json``.
 
     ``minutes`` sums the folds' wall times (None when a fold did not record one); a fold resumed after
-    an interruption recorded only the time since the resume, counted in ``resumed``. ``machine`` names
+    an interruption recorded only the time since the resume, counted in ``resumed``. ``machines`` names
     each machine the folds trained on (a fold's own record, else the run's ``versions.json``, written
     where the run started): the GPUs' names, or the CPU, its cores and native bf16.
     """
@@ -93,7 +94,6 @@ def training_cost(run: Path) -> dict[str, Any]:
         "minutes": round(sum(seconds) / 60, 1) if known else None,
         "resumed": sum(fold.get("resumed_from_epoch") is not None for fold in folds),
         "precisions": sorted({str(fold["precision"]) for fold in folds if fold.get("precision")}),
-        "machine": "; ".join(machines),
         "machines": machines,
     }
 
@@ -108,8 +108,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _machine(versions: dict[str, Any]) -> str:
     if versions.get("gpus"):
-        names = versions["gpus"]
-        return f"{len(names)}× {names[0]}" if len(set(names)) == 1 else ", ".join(names)
+        return gpus_label(versions["gpus"])
     system = versions.get("system") or {}
     if not system and not versions.get("cpu_count"):
         return "unknown"
@@ -130,7 +129,7 @@ def _cost_section(costs: dict[str, dict[str, Any]]) -> str:
         total = "" if minutes is None else f"{minutes:.1f}" + (f" ({cost['resumed']} resumed)" if cost["resumed"] else "")
         per_fold = "" if minutes is None or not folds else f"{minutes / folds:.1f}"
         lines.append(f"| {name} | {folds} | {total} | {per_fold} | {', '.join(cost['precisions']) or 'unknown'} | "
-                     f"{cost['machine']} |")
+                     f"{'; '.join(cost['machines'])} |")
     if any(cost["resumed"] for cost in costs.values()):
         lines += ["", "A fold resumed after an interruption recorded its time from the resume only: those totals "
                   "are too low."]
